@@ -1,0 +1,203 @@
+"""Typed configuration. Field names are those of the official `hparams.json` / `configs/*.json`
+files, so those files load unchanged; keys that only concern the official scripts (paths,
+devices, plotting) are kept in `extra` and written back on save.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+PRESETS = ("balls", "obj3d", "obj3d128", "traffic", "phyre", "clevrer",
+           "shapes", "obj3d_img", "obj3d128_img", "traffic_img")
+
+
+class ConfigError(ValueError):
+    """A configuration value that the model cannot be built with."""
+
+
+@dataclass
+class Config:
+    # --- model: which one
+    model: str = "ddlp"                    # 'ddlp' (video, PINT) or 'dlp' (single image, DLPv2)
+    # --- particles and encoders
+    image_size: int = 64
+    ch: int = 3
+    enc_channels: list[int] = field(default_factory=lambda: [32, 64, 128])
+    prior_channels: list[int] = field(default_factory=lambda: [16, 32, 64])
+    patch_size: int = 8
+    n_kp: int = 1                          # proposals per patch (only 1 is supported, as upstream)
+    n_kp_prior: int = 12                   # proposals kept after filtering (L)
+    n_kp_enc: int = 6                      # particles (K)
+    learned_feature_dim: int = 3           # appearance features per particle
+    bg_learned_feature_dim: int | None = None   # background features (default: same)
+    anchor_s: float = 0.25                 # glimpse side as a fraction of the image
+    kp_range: list[float] = field(default_factory=lambda: [-1, 1])
+    kp_activation: str = "tanh"
+    pad_mode: str = "replicate"
+    sigma: float = 1.0                     # std of the proposal prior in the Chamfer-KL
+    dropout: float = 0.0                   # accepted for compatibility; unused upstream too
+    use_resblock: bool = False
+    filtering_heuristic: str = "variance"
+    use_correlation_heatmaps: bool = True
+    enable_enc_attn: bool = False
+    use_tracking: bool = False             # DLP only: track over a 5-D input
+    # --- priors
+    scale_std: float = 0.3
+    offset_std: float = 0.2
+    obj_on_alpha: float = 0.1
+    obj_on_beta: float = 0.1
+    # --- dynamics (DDLP)
+    timestep_horizon: int = 10             # T: PINT context; training clips have T + 1 frames
+    predict_delta: bool = True
+    pint_layers: int = 6
+    pint_heads: int = 8
+    pint_dim: int = 256
+    pint_relative_bias: bool = True        # False: learned absolute embeddings ("No RPE" ablation)
+    num_static_frames: int = 4             # burn-in frames with the constant prior
+    # --- loss
+    recon_loss_type: str = "mse"           # 'mse' or 'vgg'
+    beta_kl: float = 0.1
+    beta_rec: float = 1.0
+    beta_dyn: float = 0.1
+    beta_dyn_rec: float = 1.0
+    kl_balance: float = 0.001
+    # --- optimisation and schedule
+    batch_size: int = 32
+    lr: float = 2e-4
+    num_epochs: int = 150
+    warmup_epoch: int = 1
+    weight_decay: float = 0.0
+    scheduler_gamma: float = 0.95
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    adam_eps: float = 1e-4
+    train_enc_prior: bool = True
+    start_dyn_epoch: int = 0
+    cond_steps: int = 10
+    animation_horizon: int = 100
+    eval_epoch_freq: int = 1
+    eval_im_metrics: bool = True
+    topk: int = 6
+    # --- data
+    ds: str = "balls"
+    root: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    # ---------------------------------------------------------------- derived values
+    @property
+    def glimpse_size(self) -> int:
+        """Glimpse side in pixels (numpy-style half-even rounding, as upstream)."""
+        return int(round(self.anchor_s * (self.image_size - 1)))
+
+    @property
+    def bg_features_dim(self) -> int:
+        return self.bg_learned_feature_dim or self.learned_feature_dim
+
+    @property
+    def mu_scale_prior(self) -> float:
+        a = 0.75 * self.anchor_s
+        return math.log(a / (1 - a + 1e-5))
+
+    @property
+    def is_video(self) -> bool:
+        return self.model == "ddlp"
+
+    # ---------------------------------------------------------------- validation
+    def validate(self) -> "Config":
+        def need(ok: bool, msg: str):
+            if not ok:
+                raise ConfigError(msg)
+
+        need(self.model in ("ddlp", "dlp"), f"model must be 'ddlp' or 'dlp', got {self.model!r}")
+        need(self.ch == 3, f"only RGB images are supported (ch=3), got ch={self.ch}")
+        need(self.image_size > 0 and self.image_size & (self.image_size - 1) == 0,
+             f"image_size must be a power of two, got {self.image_size}")
+        need(self.patch_size > 0 and self.image_size % self.patch_size == 0,
+             f"patch_size ({self.patch_size}) must divide image_size ({self.image_size})")
+        need(self.patch_size >= 2 ** (len(self.prior_channels) - 1),
+             f"patch_size {self.patch_size} is too small for {len(self.prior_channels)} prior stages")
+        g = self.glimpse_size
+        need(g >= 16 and g & (g - 1) == 0,
+             f"anchor_s={self.anchor_s} gives a {g}px glimpse at image_size {self.image_size}; "
+             "the glimpse decoder needs a power of two >= 16 (e.g. anchor_s 0.25 at 64px)")
+        need(g >= 2 ** (len(self.prior_channels) - 1), "glimpse smaller than the glimpse CNN's stride")
+        f = self.image_size // 2 ** (len(self.enc_channels) - 1)
+        need(f >= 8 and f & (f - 1) == 0,
+             f"enc_channels has {len(self.enc_channels)} stages: the background map would be {f}px "
+             "(must be a power of two >= 8)")
+        need(self.n_kp == 1, f"n_kp must be 1 (as in every published config), got {self.n_kp}")
+        need(self.n_kp_enc >= 1, f"n_kp_enc must be >= 1, got {self.n_kp_enc}")
+        n_patches = (self.image_size // self.patch_size) ** 2
+        kept = n_patches if self.filtering_heuristic == "none" else min(self.n_kp_prior, n_patches)
+        need(kept >= self.n_kp_enc or self.filtering_heuristic == "none",
+             f"n_kp_enc ({self.n_kp_enc}) exceeds the {kept} proposals kept by the prior "
+             f"(n_kp_prior={self.n_kp_prior}, {n_patches} patches)")
+        need(self.filtering_heuristic in ("variance", "distance", "random", "none"),
+             f"unknown filtering_heuristic {self.filtering_heuristic!r}")
+        need(not (self.model == "ddlp" and self.filtering_heuristic == "none"),
+             "filtering_heuristic 'none' (particle mixer) is only available for the DLP model")
+        need(self.kp_activation in ("tanh", "sigmoid"), f"unknown kp_activation {self.kp_activation!r}")
+        need(list(self.kp_range) == [-1, 1], "only kp_range [-1, 1] is supported")
+        need(not self.enable_enc_attn, "enable_enc_attn (unused by every published config) is not implemented")
+        need(not self.use_resblock, "use_resblock (unused by every published config) is not implemented")
+        need(self.recon_loss_type in ("mse", "vgg"), f"recon_loss_type must be 'mse' or 'vgg'")
+        need(self.pint_dim % self.pint_heads == 0,
+             f"pint_dim ({self.pint_dim}) must be divisible by pint_heads ({self.pint_heads})")
+        need(self.timestep_horizon >= 1, "timestep_horizon must be >= 1")
+        need(0 < self.anchor_s < 1, f"anchor_s must be in (0, 1), got {self.anchor_s}")
+        return self
+
+    # ---------------------------------------------------------------- I/O
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], **overrides) -> "Config":
+        """Build from an official hparams dict (or one of ours). Unknown keys go to `extra`."""
+        d = {**d, **overrides}
+        names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        known = {k: v for k, v in d.items() if k in names}
+        extra = {**d.get("extra", {}), **{k: v for k, v in d.items() if k not in names and k != "extra"}}
+        if "cdim" in extra:
+            known.setdefault("ch", extra.pop("cdim"))
+        if "model" not in d:
+            # Official files do not say which trainer they belong to. The single-image trainer's
+            # configs are the ones that set use_tracking=False explicitly.
+            known["model"] = "dlp" if d.get("use_tracking") is False else "ddlp"
+        for key in ("enc_channels", "prior_channels", "kp_range", "adam_betas"):
+            if key in known:
+                known[key] = list(known[key])
+        cfg = cls(**known, extra=extra)
+        for f in dataclasses.fields(cls):
+            v = getattr(cfg, f.name)
+            if f.type in ("int", "float") and isinstance(v, bool):
+                raise ConfigError(f"{f.name} must be a number, got {v!r}")
+        return cfg.validate()
+
+    @classmethod
+    def from_json(cls, path: str | Path, **overrides) -> "Config":
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file not found: {path}")
+        try:
+            d = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path} is not valid JSON: {e}") from None
+        return cls.from_dict(d, **overrides)
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> "Config":
+        """One of the official configurations shipped with the package (see PRESETS)."""
+        if name not in PRESETS:
+            raise ConfigError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
+        text = resources.files("ddlp").joinpath("configs", f"{name}.json").read_text()
+        return cls.from_dict(json.loads(text), **overrides)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        extra = d.pop("extra")
+        return {**extra, **d}
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2))

@@ -1,0 +1,86 @@
+"""Decoders: glimpse decoder (features -> RGBA glimpse), depth/transparency stitching of the
+pasted glimpses, and the background particle (masked encoder and decoder)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+import torch
+from torch import Tensor, nn
+
+from .nn.blocks import (ConvBlock, ConvEncoder, background_decoder_plan, glimpse_decoder_plan,
+                        mlp, upsampling_plan)
+from .nn.glimpse import paste, square_masks
+
+
+class GlimpseDecoder(nn.Module):
+    """features [N, F] -> RGBA glimpse [N, 4, g, g] (channel 0 is alpha), all in [0, 1]."""
+
+    def __init__(self, features_dim: int, glimpse: int):
+        super().__init__()
+        self.fc = mlp(features_dim, 256, 256, 32 * 8 * 8, final_act=True)
+        self.plan = glimpse_decoder_plan(glimpse)
+        self.cnn = nn.Sequential(*[ConvBlock(s) for s in self.plan])
+
+    def forward(self, features: Tensor) -> Tensor:
+        return torch.sigmoid(self.cnn(self.fc(features).view(-1, 32, 8, 8)))
+
+
+@dataclass
+class Foreground:
+    image: Tensor          # [B, 3, H, W] stitched particles
+    bg_mask: Tensor        # [B, 1, H, W] = 1 - sum_k alpha_masks
+    alpha_masks: Tensor    # [B, K, 1, H, W] effective per-particle alpha on the canvas
+    glimpses: Tensor       # [B, K, 4, g, g] decoded RGBA glimpses before placement
+
+
+def stitch(decoded: Tensor, position: Tensor, scale: Tensor, depth: Tensor, transparency: Tensor,
+           image_size: int, noisy: bool = False) -> Foreground:
+    """Paste RGBA glimpses and blend them by transparency and depth (smaller depth in front).
+
+    decoded [B, K, 4, g, g]; position / scale (pre-sigmoid) [B, K, 2]; depth [B, K, 1];
+    transparency [B, K].
+    """
+    rgba = paste(decoded, position, torch.sigmoid(scale), image_size).clamp(0, 1)
+    alpha, rgb = rgba[:, :, :1], rgba[:, :, 1:]
+    if noisy:
+        alpha = (alpha + 0.1 * torch.randn_like(alpha)).clamp(0, 1)
+    alpha = transparency[..., None, None, None] * alpha
+    weight = alpha * torch.sigmoid(-depth[..., None, None])
+    weight = weight / (weight.sum(1, keepdim=True) + 1e-5)
+    alpha_masks = weight * alpha
+    fg = (alpha_masks * rgb).sum(1)
+    return Foreground(fg, 1 - alpha_masks.sum(1), alpha_masks, decoded)
+
+
+class Background(nn.Module):
+    """The background particle: features encoded from the image with the particles masked out,
+    decoded to a full image. Its position is fixed at the centre."""
+
+    def __init__(self, image_size: int, channels: list[int], features_dim: int,
+                 glimpse: int, replicate_pad: bool = True):
+        super().__init__()
+        self.image_size, self.glimpse = image_size, glimpse
+        self.cnn = ConvEncoder(3, channels, image_size, n_out=32, first_kernel=7,
+                               replicate_pad=replicate_pad)
+        f = self.cnn.out_side
+        self.encoder_mlp = mlp(32 * f * f, 256, 256, 2 * features_dim)
+        self.decoder_mlp = mlp(features_dim, 256, 256, 32 * 8 * 8, final_act=True)
+        n_up = max(f.bit_length() - 1 - 3, 0)   # 8x8 -> f x f
+        self.upsample = nn.Sequential(*[ConvBlock(s, replicate_pad) for s in upsampling_plan(n_up)])
+        self.plan = background_decoder_plan(channels)
+        self.decoder_cnn = nn.Sequential(*[ConvBlock(s, replicate_pad) for s in self.plan])
+
+    def encoder_mask(self, position: Tensor, transparency: Tensor) -> Tensor:
+        """1 where no (visible) particle square covers the pixel: [B, 1, H, W]."""
+        masks = square_masks(position.detach(), self.image_size, self.glimpse)
+        masks = masks.clamp(0, 1) * transparency.detach()[..., None, None, None]
+        return 1 - masks.sum(1).clamp(0, 1)
+
+    def encode(self, x: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+        out = self.encoder_mlp(self.cnn(x * mask).flatten(1))
+        mu, logvar = out.chunk(2, -1)
+        return mu, logvar
+
+    def decode(self, features: Tensor) -> Tensor:
+        h = self.upsample(self.decoder_mlp(features).view(-1, 32, 8, 8))
+        return torch.sigmoid(self.decoder_cnn(h))
+

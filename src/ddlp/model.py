@@ -1,0 +1,222 @@
+"""DLP (DLPv2, single images) and DDLP (videos: tracking posterior + PINT prior).
+
+    frames -> patch prior proposals -> posterior particles (tracked over time)
+           -> glimpse decoder + depth/alpha stitching + background -> reconstruction
+           -> PINT over particles[0..T-1] -> prior of particles[1..T]
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from .config import Config
+from .decoder import Background, Foreground, GlimpseDecoder, stitch
+from .encoder import AppearanceEncoder, AttributeEncoder, FrameEncoding, encode_frame, reparameterize
+from .nn.blocks import init_conv_weights
+from .particles import Particles
+from .pint import PINT
+from .prior import ParticleMixer, PatchPrior
+
+
+@dataclass
+class Output:
+    """Everything a forward pass produces. Leading dims: [B] (DLP) or [B, T] (DDLP)."""
+    rec: Tensor                    # [..., 3, H, W] reconstruction
+    posterior: Particles           # posterior particles, background included
+    proposals: Tensor              # [..., L, 2] prior proposals (detached: Chamfer targets)
+    foreground: Foreground         # stitched particles, masks, decoded RGBA glimpses
+    bg: Tensor                     # [..., 3, H, W] decoded background
+    glimpses: Tensor               # [..., K, 3, g, g] appearance glimpses (warm-up targets)
+    bg_encoder_mask: Tensor        # [..., 1, H, W]
+    prior: Optional[Particles] = None   # DDLP: PINT prior of frames 1..T, [B, T, ...]
+
+
+def _flat(t: Tensor, n: int) -> Tensor:
+    """Merge the first n dims."""
+    return t.reshape(-1, *t.shape[n:])
+
+
+class ParticleModel(nn.Module):
+    """Parts shared by DLP and DDLP: prior, glimpse encoders, decoders, background."""
+
+    def __init__(self, config: Config):
+        super().__init__()
+        c = self.config = config.validate()
+        g, H = c.glimpse_size, c.image_size
+        replicate = c.pad_mode != "zeros"
+        self.prior = PatchPrior(H, c.patch_size, c.prior_channels, c.n_kp_prior,
+                                c.filtering_heuristic, replicate)
+        self.mixer = (ParticleMixer(self.prior.n_patches, c.n_kp_enc, H, g, c.prior_channels)
+                      if c.filtering_heuristic == "none" else None)
+        self.attribute_encoder = AttributeEncoder(c.prior_channels, g, H, c.use_correlation_heatmaps,
+                                                  c.kp_activation)
+        self.appearance_encoder = AppearanceEncoder(c.prior_channels, g, c.learned_feature_dim)
+        self.glimpse_decoder = GlimpseDecoder(c.learned_feature_dim, g)
+        self.background = Background(H, c.enc_channels, c.bg_features_dim, g, replicate)
+        init_conv_weights(self)
+
+    # ------------------------------------------------------------------ pieces
+    def check_input(self, x: Tensor, video: bool) -> None:
+        c = self.config
+        want = f"[B, T, 3, {c.image_size}, {c.image_size}]" if video else f"[B, 3, {c.image_size}, {c.image_size}]"
+        ndim = 5 if video else 4
+        if not torch.is_tensor(x) or x.ndim != ndim or x.shape[-3:] != (c.ch, c.image_size, c.image_size):
+            got = tuple(x.shape) if torch.is_tensor(x) else type(x).__name__
+            raise ValueError(f"expected {'frames' if video else 'images'} of shape {want} for this "
+                             f"config, got {got}")
+        if not x.is_floating_point():
+            raise ValueError(f"expected float images in [0, 1], got dtype {x.dtype}")
+
+    def propose(self, x: Tensor, train_prior: bool = True) -> Tensor:
+        """Anchor initialisation [B, L, 2] (graph kept when train_prior)."""
+        kp, _, _ = self.prior(x)
+        if not train_prior:
+            kp = 0 * kp + kp.detach()
+        return kp
+
+    def _encode(self, x: Tensor, anchors: Tensor, *, deterministic: bool, warmup: bool, noisy: bool,
+                prev: Optional[FrameEncoding] = None, refine: bool = True) -> FrameEncoding:
+        return encode_frame(
+            self.attribute_encoder, self.appearance_encoder, x, anchors, self.config.n_kp_enc,
+            self.config.anchor_s, deterministic=deterministic, warmup=warmup, noisy=noisy,
+            prev_glimpses=None if prev is None else prev.glimpses.detach(),
+            prev_scale=None if prev is None else prev.particles.scale.detach(), refine=refine)
+
+    def decode_foreground(self, p: Particles, noisy: bool = False) -> Foreground:
+        """Stitched particles for particles of any leading shape."""
+        lead = p.batch_shape
+        n = len(lead)
+        K, g = p.num_particles, self.config.glimpse_size
+        decoded = self.glimpse_decoder(_flat(p.features, n + 1)).view(-1, K, 4, g, g)
+        fg = stitch(decoded, _flat(p.position, n), _flat(p.scale, n), _flat(p.depth, n),
+                    _flat(p.transparency, n), self.config.image_size, noisy)
+        return Foreground(*(t.view(*lead, *t.shape[1:]) for t in
+                            (fg.image, fg.bg_mask, fg.alpha_masks, fg.glimpses)))
+
+    def encode_background(self, x: Tensor, p: Particles, deterministic: bool):
+        """Background posterior of images [N, 3, H, W] given their particles [N, K, ...]."""
+        mask = self.background.encoder_mask(p.position, p.transparency)
+        mu, logvar = self.background.encode(x, mask)
+        return mu, logvar, reparameterize(mu, logvar, deterministic), mask
+
+    def decode(self, p: Particles) -> Tensor:
+        """Frames from particles (background features required): [..., 3, H, W]."""
+        fg = self.decode_foreground(p)
+        n = len(p.batch_shape)
+        bg = self.background.decode(_flat(p.bg_features, n)).view(*p.batch_shape, 3, *fg.image.shape[-2:])
+        return fg.bg_mask * bg + fg.image
+
+    # ------------------------------------------------------------------ persistence
+    def save_pretrained(self, directory: str | Path) -> None:
+        from .checkpoint import save_pretrained
+        save_pretrained(self, directory)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, map_location: str = "cpu") -> "ParticleModel":
+        from .checkpoint import load_pretrained
+        return load_pretrained(directory, map_location)
+
+
+class DLP(ParticleModel):
+    """DLPv2: particles of single images."""
+
+    def encode(self, images: Tensor, deterministic: bool = True) -> Particles:
+        return self(images, deterministic=deterministic).posterior
+
+    def forward(self, x: Tensor, deterministic: bool = False, warmup: bool = False,
+                noisy: bool = False, train_prior: bool = True) -> Output:
+        self.check_input(x, video=False)
+        kp = self.propose(x, train_prior)
+        anchors = kp if self.mixer is None else self.mixer(x, kp)
+        enc = self._encode(x, anchors, deterministic=deterministic, warmup=warmup, noisy=noisy)
+        p = enc.particles
+        fg = self.decode_foreground(p, noisy)
+        bg_mu, bg_logvar, bg_z, bg_mask = self.encode_background(x, p, deterministic)
+        bg = self.background.decode(bg_z)
+        posterior = p.replace(bg_features=bg_z, bg_mu=bg_mu, bg_logvar=bg_logvar)
+        return Output(fg.bg_mask * bg + fg.image, posterior, kp.detach(), fg, bg, enc.glimpses, bg_mask)
+
+
+class DDLP(ParticleModel):
+    """DDLP: DLPv2 particles tracked over video frames, with the PINT dynamics prior."""
+
+    def __init__(self, config: Config):
+        super().__init__(config)
+        c = self.config
+        self.pint = PINT(c.n_kp_enc, c.learned_feature_dim, c.bg_features_dim, c.pint_dim,
+                         c.pint_heads, c.pint_layers, c.timestep_horizon,
+                         predict_delta=c.predict_delta, activation=c.kp_activation,
+                         relative_bias=c.pint_relative_bias)
+
+    def track(self, x: Tensor, *, deterministic: bool = False, warmup: bool = False,
+              noisy: bool = False, train_prior: bool = True) -> tuple[Particles, Tensor, Tensor]:
+        """Tracking posterior of frames [B, T, 3, H, W] (no background).
+
+        Proposals come from the burn-in frames only. Frame 0 refines the first K proposals into
+        anchors; every later frame is anchored at the previous positions, with the previous
+        glimpses as correlation templates. Returns particles [B, T, K, ...], proposals
+        [B, T, L, 2] (detached; frames after burn-in repeat the last burn-in frame) and the
+        appearance glimpses [B, T, K, 3, g, g].
+        """
+        B, T = x.shape[:2]
+        ns = min(self.config.num_static_frames, T)
+        kp = self.propose(_flat(x[:, :ns], 2), train_prior).view(B, ns, -1, 2)
+        flags = dict(deterministic=deterministic, warmup=warmup, noisy=noisy)
+        frames = [self._encode(x[:, 0], kp[:, 0], **flags)]
+        for t in range(1, T):
+            prev = frames[-1]
+            frames.append(self._encode(x[:, t], prev.particles.position.detach(), prev=prev,
+                                       refine=False, **flags))
+        kp = kp.detach()
+        kp = torch.cat([kp, kp[:, -1:].expand(B, T - ns, -1, -1)], 1)
+        particles = Particles.stack([f.particles for f in frames])
+        return particles, kp, torch.stack([f.glimpses for f in frames], 1)
+
+    def encode(self, frames: Tensor, deterministic: bool = True) -> Particles:
+        """Posterior particles of a clip [B, T, 3, H, W], background included."""
+        self.check_input(frames, video=True)
+        p, _, _ = self.track(frames, deterministic=deterministic)
+        B, T = frames.shape[:2]
+        mu, logvar, z, _ = self.encode_background(_flat(frames, 2), p.map(lambda t: _flat(t, 2)), deterministic)
+        view = lambda t: t.view(B, T, -1)  # noqa: E731
+        return p.replace(bg_features=view(z), bg_mu=view(mu), bg_logvar=view(logvar))
+
+    def forward(self, x: Tensor, deterministic: bool = False, warmup: bool = False,
+                noisy: bool = False, train_prior: bool = True, dynamics: bool = True) -> Output:
+        self.check_input(x, video=True)
+        B, T = x.shape[:2]
+        p, kp, glimpses = self.track(x, deterministic=deterministic, warmup=warmup, noisy=noisy,
+                                     train_prior=train_prior)
+        fg = self.decode_foreground(p, noisy)
+        flat_x, flat_p = _flat(x, 2), p.map(lambda t: _flat(t, 2))
+        bg_mu, bg_logvar, bg_z, bg_mask = self.encode_background(flat_x, flat_p, deterministic)
+        bg = self.background.decode(bg_z).view(B, T, *x.shape[2:])
+        view = lambda t: t.view(B, T, *t.shape[1:])  # noqa: E731
+        posterior = p.replace(bg_features=view(bg_z), bg_mu=view(bg_mu), bg_logvar=view(bg_logvar))
+        prior = self.pint(posterior[:, :-1]) if dynamics else None
+        return Output(fg.bg_mask * bg + fg.image, posterior, kp, fg, bg, glimpses,
+                      view(bg_mask), prior)
+
+    @torch.no_grad()
+    def rollout(self, frames: Tensor, steps: int, cond_steps: Optional[int] = None,
+                deterministic: bool = True) -> tuple[Tensor, Particles]:
+        """Encode `cond_steps` frames of `frames` [B, >=cond_steps, 3, H, W], predict `steps`
+        more with PINT. Returns frames [B, cond_steps + steps, 3, H, W] (reconstructions of the
+        conditioning frames, then predictions) and their particles."""
+        cond = cond_steps or self.config.timestep_horizon
+        if frames.ndim == 5 and frames.shape[1] < cond:
+            raise ValueError(f"need at least cond_steps={cond} frames, got {frames.shape[1]}")
+        posterior = self.encode(frames[:, :cond], deterministic=deterministic)
+        history = posterior.values()
+        for _ in range(steps):
+            nxt = self.pint.step(history, deterministic).values()
+            history = Particles.cat([history, nxt.map(lambda t: t.unsqueeze(1))])
+        return self.decode(history), history
+
+
+def build_model(config: Config) -> ParticleModel:
+    return (DDLP if config.is_video else DLP)(config)

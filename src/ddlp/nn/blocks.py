@@ -1,0 +1,141 @@
+"""Convolutional building blocks shared by the prior, the glimpse encoders and the decoders.
+
+Each stack is built from a *plan*: a list of `LayerSpec`s that also carries the official
+module name of every layer, so that the checkpoint converter and the model agree by
+construction. The plans reproduce one quirk of the official code on purpose: its keypoint CNN
+registers layers by name, and a repeated channel width re-uses a name, which replaces the
+earlier layer in place and drops the later one. Published checkpoints (shapes, obj3d128_img,
+traffic_img background encoders) have that shorter layer sequence, so we build it too.
+"""
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+def group_norm(channels: int) -> nn.GroupNorm:
+    return nn.GroupNorm(4 if channels % 4 == 0 else 5, channels, eps=1e-4)
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    name: str            # official module name (for the converter)
+    c_in: int
+    c_out: int
+    kernel: int = 3
+    stride: int = 1
+    norm: bool = True
+    act: bool = True
+    upsample: bool = False
+    bias: bool = False
+
+
+class ConvBlock(nn.Sequential):
+    """[pad] -> conv -> [GroupNorm] -> [ReLU] -> [bilinear x2 upsample]."""
+
+    def __init__(self, spec: LayerSpec, replicate_pad: bool = True):
+        pad = spec.kernel // 2
+        layers = {}
+        if replicate_pad and pad > 0:
+            layers["pad"] = nn.ReplicationPad2d(pad)
+        layers["conv"] = nn.Conv2d(spec.c_in, spec.c_out, spec.kernel, spec.stride,
+                                   padding=0 if replicate_pad else pad, bias=spec.bias)
+        if spec.norm:
+            layers["norm"] = group_norm(spec.c_out)
+        if spec.act:
+            layers["act"] = nn.ReLU()
+        if spec.upsample:
+            layers["up"] = nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False)
+        super().__init__(OrderedDict(layers))
+
+
+def encoder_plan(c_in: int, channels: list[int], side: int, first_kernel: int = 3) -> list[LayerSpec]:
+    """Layer plan of the keypoint CNN: two stride-1 convs, then per extra width a stride-2 and a
+    stride-1 conv, with the official name-collision behaviour (see module docstring)."""
+    plan: dict[str, LayerSpec] = {}
+    plan["in_block_1"] = LayerSpec("in_block_1", c_in, channels[0], kernel=first_kernel)
+    plan["in_block_2"] = LayerSpec("in_block_2", channels[0], channels[0])
+    prev, size = channels[0], side
+    for c in channels[1:]:
+        down, same = f"conv_in_{size}_0", f"conv_in_{c}_1"
+        plan[down] = LayerSpec(down, prev, c, stride=2)
+        plan[same] = LayerSpec(same, c, c)    # a repeated name keeps its first position
+        prev, size = c, size // 2
+    return list(plan.values())
+
+
+class ConvEncoder(nn.Module):
+    """The official 'keypoint CNN': conv stack then a 1x1 conv to `n_out` maps.
+
+    Only the 1x1 output is used by the model. Output side = side / 2^(len(channels) - 1).
+    """
+
+    def __init__(self, c_in: int, channels: list[int], side: int, n_out: int,
+                 first_kernel: int = 3, replicate_pad: bool = True):
+        super().__init__()
+        self.plan = encoder_plan(c_in, channels, side, first_kernel)
+        self.layers = nn.Sequential(*[ConvBlock(s, replicate_pad) for s in self.plan])
+        self.keymap = nn.Conv2d(channels[-1], n_out, 1)
+        self.out_side = side // 2 ** (len(channels) - 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.keymap(self.layers(x))
+
+
+def glimpse_decoder_plan(glimpse: int, c_out: int = 4) -> list[LayerSpec]:
+    """Object decoder: 8x8x32 map -> glimpse x glimpse x 4 (alpha, r, g, b)."""
+    n_up = int(math.log2(glimpse)) - 3
+    if 8 * 2 ** n_up != glimpse or n_up < 1:
+        raise ValueError(f"glimpse side must be 8 * 2^n with n >= 1, got {glimpse}")
+    plan = [LayerSpec("depth_up", 32, 64, upsample=True)]
+    size = 8
+    for _ in range(n_up - 1):
+        plan.append(LayerSpec(f"conv_to_{2 * size}", 64, 64, upsample=True))
+        size *= 2
+    plan.append(LayerSpec(f"conv_to_{2 * size}", 64, 32))
+    plan.append(LayerSpec("final_conv", 32, c_out, kernel=1, norm=False, act=False, bias=True))
+    return plan
+
+
+def background_decoder_plan(channels: list[int], c_out: int = 3) -> list[LayerSpec]:
+    """Background decoder: f x f x 32 map -> image (mirror of the encoder widths)."""
+    plan = [LayerSpec("depth_up", 32, channels[-1], norm=False, upsample=True)]
+    prev, size = channels[-1], 4
+    for c in reversed(channels[1:-1]):
+        plan.append(LayerSpec(f"conv_to_{2 * size}", prev, c, upsample=True))
+        prev, size = c, size * 2
+    plan.append(LayerSpec(f"conv_to_{2 * size}", prev, channels[0]))
+    plan.append(LayerSpec("final_conv", channels[0], c_out, kernel=1, norm=False, act=False, bias=True))
+    return plan
+
+
+def upsampling_plan(n: int, channels: int = 32) -> list[LayerSpec]:
+    """n conv + x2 upsample blocks (background feature map from 8x8 to 8*2^n)."""
+    return [LayerSpec(f"depth_up_{i}", channels, channels, upsample=True) for i in range(n)]
+
+
+def mlp(*widths: int, final_act: bool = False) -> nn.Sequential:
+    """Linear layers with ReLU between them (and after the last one if `final_act`)."""
+    layers: list[nn.Module] = []
+    for i, (a, b) in enumerate(zip(widths[:-1], widths[1:])):
+        layers.append(nn.Linear(a, b))
+        if final_act or i < len(widths) - 2:
+            layers.append(nn.ReLU())
+    return nn.Sequential(*layers)
+
+
+def init_conv_weights(module: nn.Module) -> None:
+    """Official initialisation of every 2-D conv of the particle model: N(0, 0.01^2), bias 0."""
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.normal_(m.weight, std=0.01)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.GroupNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+

@@ -1,0 +1,108 @@
+"""Spatial operations on particles: glimpse crop / paste, square masks, spatial soft-argmax and
+the tracking correlation maps.
+
+Coordinates are (y, x) in [-1, 1] with the align_corners=True convention (-1 and +1 are the
+centres of the first and last pixel). Crops and pastes build one sampling grid per particle and
+sample the *shared* image once (the K glimpses of an image are laid side by side in the grid),
+so no per-particle copy of the image is made.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def _axis(n: int, ref: Tensor) -> Tensor:
+    return torch.linspace(-1.0, 1.0, n, device=ref.device, dtype=ref.dtype)
+
+
+def crop(images: Tensor, position: Tensor, scale: Tensor, size: int) -> Tensor:
+    """Glimpses of side `size` covering [position - scale, position + scale] per axis.
+
+    images [B, C, H, W], position / scale [B, K, 2] -> [B, K, C, size, size]
+    """
+    B, K = position.shape[:2]
+    C = images.shape[1]
+    u = _axis(size, position)
+    gy = scale[..., 0, None] * u + position[..., 0, None]           # [B, K, size] rows
+    gx = scale[..., 1, None] * u + position[..., 1, None]           # [B, K, size] cols
+    grid = torch.stack(torch.broadcast_tensors(gx[:, :, None, :], gy[:, :, :, None]), dim=-1)
+    out = F.grid_sample(images, grid.reshape(B, K * size, size, 2), mode="bilinear",
+                        padding_mode="zeros", align_corners=True)      # [B, C, K*size, size]
+    return out.view(B, C, K, size, size).transpose(1, 2)
+
+
+def paste(glimpses: Tensor, position: Tensor, scale: Tensor, canvas: int) -> Tensor:
+    """Inverse of `crop`: place each glimpse on an empty canvas (zero outside its window).
+
+    glimpses [B, K, C, g, g], position / scale [B, K, 2] -> [B, K, C, canvas, canvas]
+    """
+    B, K, C, g, _ = glimpses.shape
+    u = _axis(canvas, position)
+    denom = scale + 1e-9
+    a, b = 1.0 / denom, -position / denom
+    gy = a[..., 0, None] * u + b[..., 0, None]
+    gx = a[..., 1, None] * u + b[..., 1, None]
+    grid = torch.stack(torch.broadcast_tensors(gx[:, :, None, :], gy[:, :, :, None]), dim=-1)
+    out = F.grid_sample(glimpses.reshape(B * K, C, g, g), grid.reshape(B * K, canvas, canvas, 2),
+                        mode="bilinear", padding_mode="zeros", align_corners=True)
+    return out.view(B, K, C, canvas, canvas)
+
+
+def square_masks(position: Tensor, image_size: int, side: int) -> Tensor:
+    """Binary squares of `side` pixels around each position, nearest-neighbour placed.
+
+    Equivalent to sampling a centred block of ones with a translation grid and mode='nearest'
+    (the official construction), computed per axis: [B, K, 2] -> [B, K, 1, H, H].
+    """
+    pad = (image_size - side) // 2
+    span = side + 2 * pad - 1                               # last index of the padded block
+    u = _axis(image_size, position)
+
+    def inside(coord: Tensor) -> Tensor:                    # [B, K] -> [B, K, H]
+        src = torch.round(((u - coord[..., None]) + 1) / 2 * span)
+        return (src >= pad) & (src < pad + side)
+
+    rows, cols = inside(position[..., 0]), inside(position[..., 1])
+    return (rows[..., :, None] & cols[..., None, :]).unsqueeze(2).to(position.dtype)
+
+
+def spatial_softmax(logits: Tensor) -> tuple[Tensor, Tensor]:
+    """Soft-argmax with variance of heat maps [N, h, w].
+
+    Returns the mean (y, x) [N, 2] and (var_y, var_x, cov) [N, 3]; variances are clamped at 1e-6.
+    """
+    N, h, w = logits.shape
+    prob = logits.reshape(N, h * w).softmax(-1).view(N, h, w)
+    ys, xs = _axis(h, logits), _axis(w, logits)
+    py, px = prob.sum(2), prob.sum(1)                        # marginals [N, h], [N, w]
+    mu_y, mu_x = (py * ys).sum(1), (px * xs).sum(1)
+    var_y = ((py * ys ** 2).sum(1) - mu_y ** 2).clamp_min(1e-6)
+    var_x = ((px * xs ** 2).sum(1) - mu_x ** 2).clamp_min(1e-6)
+    cov = (prob * ys[:, None] * xs[None, :]).sum((1, 2)) - mu_y * mu_x
+    return torch.stack([mu_y, mu_x], -1), torch.stack([var_y, var_x, cov], -1)
+
+
+@torch.no_grad()
+def correlation_maps(search: Tensor, template: Tensor) -> Tensor:
+    """Normalised cross-correlation of each particle's previous glimpse (template) over its
+    current glimpse (search window), both [N, 3, P, P] -> [N, 1, P, P] in [0, 1].
+
+    Entry (dy + P/2 - 1, dx + P/2 - 1) scores a displacement (dy, dx) of the object. As in the
+    official code the normaliser uses the energy of *all* templates together, and each map is
+    min-max scaled.
+    """
+    N, C, P, _ = search.shape
+    padded = F.pad(search, (P, P, P, P), mode="replicate")             # [N, C, 3P, 3P]
+    tmpl = template.clamp(0, 1)
+    flat = padded.reshape(1, N * C, 3 * P, 3 * P)
+    corr = F.conv2d(flat, tmpl, groups=N)                              # [1, N, 2P+1, 2P+1]
+    energy = F.conv2d(flat.pow(2), torch.ones_like(tmpl), groups=N)
+    corr = corr / (torch.sqrt(tmpl.pow(2).sum() * energy + 1e-10) + 1e-5)
+    lo = P // 2 + 1
+    corr = corr[0, :, lo:lo + P, lo:lo + P]                            # [N, P, P]
+    flat_corr = corr.reshape(N, P * P)
+    mn, mx = flat_corr.min(1, keepdim=True)[0], flat_corr.max(1, keepdim=True)[0]
+    heat = (flat_corr - mn) / (mx - mn + 1e-5)
+    return heat.view(N, 1, P, P)

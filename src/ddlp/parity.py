@@ -1,0 +1,196 @@
+"""Parity checker against fixtures produced by the official implementation.
+
+    python -m ddlp.parity FIXTURE.pt [FIXTURE.pt ...] [--atol 1e-4] [--rtol-loss 1e-4]
+
+Loads the fixture (official weights, config, input, expected outputs), converts the weights with
+the same converter users get, runs our model and prints one line per output: name, max abs error,
+tolerance, ok/FAIL. Exit status 0 only when everything passes.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from .config import Config
+from .convert import from_official
+from .losses import elbo
+from .model import DDLP, Output
+
+
+def load_fixture(path: str) -> dict:
+    data = torch.load(path, weights_only=True)
+    folder = os.path.dirname(path)
+    for part in data["meta"].get("parts", {}):
+        extra = torch.load(os.path.join(folder, part), weights_only=True)
+        _merge(data, {k: v for k, v in extra.items() if k != "meta"})
+    return data
+
+
+def _merge(dst: dict, src: dict) -> None:
+    for k, v in src.items():
+        if isinstance(v, dict) and k in dst:
+            _merge(dst[k], v)
+        else:
+            dst[k] = v
+
+
+def fixture_config(fx: dict) -> Config:
+    cfg = dict(fx["config"]["constructor_kwargs"])
+    cfg.update(fx["config"].get("train_hparams", {}))
+    cfg["model"] = "ddlp" if fx["config"]["model_class"] == "ObjectDynamicsDLP" else "dlp"
+    return Config.from_dict(cfg)
+
+
+# Official output names -> how to read them from ours (after flattening [B, T] to [B*T]).
+def _outputs(out: Output) -> dict[str, Callable[[], Tensor]]:
+    p, fg = out.posterior, out.foreground
+    zeros = torch.zeros_like
+    names = dict(
+        kp_p=lambda: out.proposals, rec=lambda: out.rec, mu=lambda: p.anchor, z_base=lambda: p.anchor,
+        logvar=lambda: zeros(p.anchor), z=lambda: p.position,
+        z_kp_bg=lambda: zeros(p.position[..., :1, :]), mu_offset=lambda: p.offset_mu,
+        logvar_offset=lambda: p.position_logvar, mu_features=lambda: p.features_mu,
+        logvar_features=lambda: p.features_logvar, z_features=lambda: p.features, bg=lambda: out.bg,
+        mu_bg=lambda: p.bg_mu, logvar_bg=lambda: p.bg_logvar, z_bg=lambda: p.bg_features,
+        cropped_objects_original=lambda: out.glimpses, obj_on_a=lambda: p.transparency_a,
+        obj_on_b=lambda: p.transparency_b, obj_on=lambda: p.transparency,
+        dec_objects_original=lambda: fg.glimpses, dec_objects=lambda: fg.image,
+        mu_depth=lambda: p.depth_mu, logvar_depth=lambda: p.depth_logvar, z_depth=lambda: p.depth,
+        mu_scale=lambda: p.scale_mu, logvar_scale=lambda: p.scale_logvar, z_scale=lambda: p.scale,
+        alpha_masks=lambda: fg.alpha_masks, cropped_objects=lambda: out.glimpses,
+        bg_mask=lambda: out.bg_encoder_mask, z_offset=lambda: p.offset_mu)
+    if out.prior is not None:
+        q = out.prior
+        names.update(
+            mu_dyn=lambda: q.position_mu, logvar_dyn=lambda: q.position_logvar,
+            mu_features_dyn=lambda: q.features_mu, logvar_features_dyn=lambda: q.features_logvar,
+            obj_on_a_dyn=lambda: q.transparency_a, obj_on_b_dyn=lambda: q.transparency_b,
+            mu_depth_dyn=lambda: q.depth_mu, logvar_depth_dyn=lambda: q.depth_logvar,
+            mu_scale_dyn=lambda: q.scale_mu, logvar_scale_dyn=lambda: q.scale_logvar,
+            mu_bg_dyn=lambda: q.bg_mu, logvar_bg_dyn=lambda: q.bg_logvar)
+    return names
+
+
+@dataclass
+class Check:
+    name: str
+    error: float
+    tolerance: float
+    ok: bool
+
+    def line(self) -> str:
+        return f"{self.name:<48} {self.error:11.3e}  tol {self.tolerance:9.2e}  {'ok' if self.ok else 'FAIL'}"
+
+
+def _compare(name: str, ours: Tensor | None, ref: Tensor, atol: float) -> Check:
+    if ours is None:
+        return Check(name + " (missing)", float("inf"), atol, False)
+    ours = ours.detach().float()
+    if ours.shape != ref.shape:
+        if ours.numel() == ref.numel() and name.startswith(("outputs/", "encode_all/")):
+            ours = ours.reshape(ref.shape)      # [B, T, ...] -> official frame-flattened [B*T, ...]
+        else:
+            return Check(f"{name} (shape {tuple(ours.shape)} vs {tuple(ref.shape)})", float("inf"), atol, False)
+    err = (ours - ref.float()).abs().max().item() if ref.numel() else 0.0
+    return Check(name, err, atol, err <= atol)
+
+
+def run_fixture(path: str, atol: float = 1e-4, rtol_loss: float = 1e-4, atol_loss: float = 1e-5) -> list[Check]:
+    torch.set_num_threads(1)
+    fx = load_fixture(path)
+    config = fixture_config(fx)
+    model = from_official(fx["state_dict"], config).eval()
+    x = fx["input"].float()
+    calls = fx["calls"]
+    checks: list[Check] = []
+    video = isinstance(model, DDLP)
+    fwd = calls["forward"]
+
+    with torch.no_grad():
+        kwargs = dict(deterministic=fwd.get("deterministic", False), warmup=fwd.get("warmup", False),
+                      noisy=fwd.get("noisy", False), train_prior=fwd.get("train_enc_prior", True))
+        if video:
+            kwargs["dynamics"] = fwd.get("forward_dyn", True)
+        out = model(x, **kwargs)
+        readers = _outputs(out)
+        for name, ref in fx["outputs"].items():
+            reader = readers.get(name)
+            checks.append(_compare(f"outputs/{name}", reader() if reader else None, ref, atol))
+
+        for variant, args in calls.get("calc_elbo", {}).items():
+            loss_kwargs = dict(warmup=args["warmup"], noisy=args["noisy"], beta_kl=args["beta_kl"],
+                               beta_rec=args["beta_rec"], kl_balance=args["kl_balance"])
+            cfg = Config.from_dict({**config.to_dict(), "recon_loss_type": args["recon_loss_type"]})
+            if video:
+                loss_kwargs.update(discount=args.get("dynamic_discount"), beta_dyn=args["beta_dyn"],
+                                   beta_dyn_rec=args["beta_dyn_rec"], num_static=args["num_static"])
+            logs = elbo(out, x, cfg, **loss_kwargs)
+            for name, ref in fx["losses"][variant].items():
+                ours = logs.get(name)
+                tol = rtol_loss * abs(float(ref)) + atol_loss
+                if ours is None:
+                    checks.append(Check(f"losses/{variant}/{name} (missing)", float("inf"), tol, False))
+                    continue
+                err = abs(float(ours) - float(ref))
+                checks.append(Check(f"losses/{variant}/{name}", err, tol, err <= tol))
+
+        enc = calls.get("encode_all")
+        if enc is not None and "encode_all" in fx:
+            det = enc.get("deterministic", True)
+            if video:
+                p, kp, glimpses = model.track(x, deterministic=det)
+                enc_out = Output(out.rec, p, kp, out.foreground, out.bg, glimpses, out.bg_encoder_mask)
+            else:
+                enc_out = model(x, deterministic=det)
+                # the public API: encode() returns the same particles
+                p = model.encode(x, deterministic=det)
+                checks.append(_compare("encode/position", p.position, enc_out.posterior.position, 0.0))
+            readers = _outputs(enc_out)
+            for name, ref in fx["encode_all"].items():
+                reader = readers.get(name)
+                checks.append(_compare(f"encode_all/{name}", reader() if reader else None, ref, atol))
+
+        if video and "sample" in fx:
+            s = calls["sample"]
+            frames, particles = model.rollout(x, s["num_steps"], s["cond_steps"],
+                                              deterministic=s.get("deterministic", True))
+            ours = dict(rec=frames, z_pos=particles.position, z_scale=particles.scale,
+                        z_obj_on=particles.transparency, z_depth=particles.depth,
+                        z_features=particles.features, z_bg_features=particles.bg_features)
+            for name, ref in fx["sample"].items():
+                if name == "z_ids":
+                    ids = torch.arange(1, config.n_kp_enc + 1).expand_as(ref)
+                    checks.append(_compare("sample/z_ids", ids.float(), ref.float(), 0.0))
+                    continue
+                checks.append(_compare(f"sample/{name}", ours.get(name), ref, atol))
+    return checks
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m ddlp.parity", description=__doc__.split("\n\n")[0])
+    ap.add_argument("fixtures", nargs="+", help="fixture .pt files (parts are found beside them)")
+    ap.add_argument("--atol", type=float, default=1e-4, help="max abs error for tensors (default 1e-4)")
+    ap.add_argument("--rtol-loss", type=float, default=1e-4, help="relative tolerance for loss scalars")
+    ap.add_argument("--atol-loss", type=float, default=1e-5, help="absolute slack for loss scalars")
+    args = ap.parse_args(argv)
+    failed = 0
+    for path in args.fixtures:
+        if not os.path.isfile(path):
+            print(f"{path}: no such fixture file", file=sys.stderr)
+            return 2
+        print(f"== {path}")
+        for check in run_fixture(path, args.atol, args.rtol_loss, args.atol_loss):
+            print(check.line())
+            failed += not check.ok
+    print(f"{'FAIL' if failed else 'ok'}: {failed} check(s) failed")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

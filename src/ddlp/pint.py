@@ -1,0 +1,231 @@
+"""PINT, the Particle Interaction Transformer: a causal transformer over time x (K + 1)
+particle tokens (the background token last) that predicts the distribution of every particle in
+the next frame. Usable on its own: `PINT(...)(particles)` with particles of shape [B, T, K, ...].
+
+Attention is causal over time and full over particles. Its positional information is a learned
+relative bias per layer and head, split into a time table (offset tk - tq) and a particle table
+(offset nk - nq), added to the attention logits through `scaled_dot_product_attention`.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .particles import Particles
+
+
+def _mlp(a: int, hidden: int, b: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(a, hidden), nn.ReLU(), nn.Linear(hidden, b))
+
+
+class ParticleEmbedding(nn.Module):
+    """Per-attribute MLPs, concatenated [pos, scale, transparency, depth, features] -> token."""
+
+    def __init__(self, features_dim: int, bg_features_dim: int, dim: int):
+        super().__init__()
+        self.position = _mlp(2, dim, 2)
+        self.scale = _mlp(2, dim, 2)
+        self.transparency = _mlp(1, dim, 1)
+        self.depth = _mlp(1, dim, 1)
+        self.features = _mlp(features_dim, dim, features_dim)
+        self.particle = _mlp(6 + features_dim, dim, dim)
+        self.background = _mlp(bg_features_dim, dim, dim)
+
+    def forward(self, p: Particles) -> Tensor:
+        """[B, T, K, ...] particles -> tokens [B, T, K + 1, D]."""
+        fg = torch.cat([self.position(p.position), self.scale(p.scale),
+                        self.transparency(p.transparency[..., None]), self.depth(p.depth),
+                        self.features(p.features)], -1)
+        return torch.cat([self.particle(fg), self.background(p.bg_features)[..., None, :]], -2)
+
+
+class RelativeBias(nn.Module):
+    """Learned additive attention bias: time table [2M-1, heads] + particle table [2N-1, heads]."""
+
+    def __init__(self, max_frames: int, n_tokens: int, heads: int):
+        super().__init__()
+        self.max_frames, self.n_tokens = max_frames, n_tokens
+        self.time = nn.Parameter(torch.zeros(2 * max_frames - 1, heads))
+        self.particle = nn.Parameter(torch.zeros(2 * n_tokens - 1, heads))
+
+    def forward(self, T: int) -> Tensor:
+        """Bias [heads, N*T, N*T] for the particle-major token order n*T + t."""
+        t = torch.arange(T, device=self.time.device)
+        n = torch.arange(self.n_tokens, device=self.time.device)
+        bt = self.time[self.max_frames - 1 + t[None, :] - t[:, None]].permute(2, 0, 1)      # [h, Tq, Tk]
+        bp = self.particle[self.n_tokens - 1 + n[None, :] - n[:, None]].permute(2, 0, 1)    # [h, Nq, Nk]
+        bias = bp[:, :, None, :, None] + bt[:, None, :, None, :]                             # [h,Nq,Tq,Nk,Tk]
+        N = self.n_tokens
+        return bias.reshape(-1, N * T, N * T)
+
+
+class CausalParticleAttention(nn.Module):
+    def __init__(self, dim: int, heads: int, max_frames: int, n_tokens: int,
+                 dropout: float, relative_bias: bool = True):
+        super().__init__()
+        self.heads, self.dropout = heads, dropout
+        self.query = nn.Linear(dim, dim, bias=False)
+        self.key = nn.Linear(dim, dim, bias=False)
+        self.value = nn.Linear(dim, dim, bias=False)
+        self.proj = nn.Linear(dim, dim, bias=False)
+        self.bias = RelativeBias(max_frames, n_tokens, heads) if relative_bias else None
+        self.resid_drop = nn.Dropout(dropout)
+
+    def attention_mask(self, N: int, T: int, ref: Tensor) -> Tensor:
+        t = torch.arange(T, device=ref.device)
+        causal = (t[None, :] <= t[:, None])[None, :, None, :].expand(N, T, N, T).reshape(N * T, N * T)
+        bias = self.bias(T).to(ref.dtype) if self.bias is not None else torch.zeros(
+            1, N * T, N * T, device=ref.device, dtype=ref.dtype)
+        return bias.masked_fill(~causal, float("-inf"))
+
+    def forward(self, x: Tensor, mask: Tensor) -> Tensor:
+        """x [B, N*T, D] in particle-major order; mask [heads or 1, N*T, N*T] additive."""
+        B, S, D = x.shape
+        split = lambda t: t.view(B, S, self.heads, D // self.heads).transpose(1, 2)  # noqa: E731
+        q, k, v = split(self.query(x)), split(self.key(x)), split(self.value(x))
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        return self.resid_drop(self.proj(y.transpose(1, 2).reshape(B, S, D)))
+
+
+class Block(nn.Module):
+    def __init__(self, dim: int, heads: int, max_frames: int, n_tokens: int, dropout: float,
+                 relative_bias: bool = True):
+        super().__init__()
+        self.ln1, self.ln2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.attn = CausalParticleAttention(dim, heads, max_frames, n_tokens, dropout, relative_bias)
+        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim),
+                                 nn.Dropout(dropout))
+
+    def forward(self, x: Tensor, mask: Tensor) -> Tensor:
+        x = x + self.attn(self.ln1(x), mask)
+        return x + self.mlp(self.ln2(x))
+
+
+class ParticleReadout(nn.Module):
+    """Tokens -> raw prior parameters per particle (and for the background token)."""
+
+    def __init__(self, features_dim: int, bg_features_dim: int, dim: int):
+        super().__init__()
+        self.backbone = nn.Sequential(nn.Linear(dim, dim), nn.ReLU(), nn.Linear(dim, dim), nn.ReLU())
+        self.position_y_head = nn.Linear(dim, 2)
+        self.position_x_head = nn.Linear(dim, 2)
+        self.scale_head = nn.Linear(dim, 4)
+        self.transparency_head = nn.Linear(dim, 2)
+        self.depth_head = nn.Linear(dim, 2)
+        self.features_head = nn.Linear(dim, 2 * features_dim)
+        self.bg_features_head = nn.Linear(dim, 2 * bg_features_dim)
+
+
+class PINT(nn.Module):
+    """Predicts p(particles_{t+1} | particles_{<=t}) for every t of the input in one pass."""
+
+    def __init__(self, n_particles: int, features_dim: int, bg_features_dim: int | None = None,
+                 dim: int = 256, heads: int = 8, layers: int = 6, max_frames: int = 10,
+                 dropout: float = 0.1, predict_delta: bool = True, max_delta: float = 1.0,
+                 activation: str = "tanh", relative_bias: bool = True):
+        """relative_bias=False replaces the relative attention bias by learned absolute
+        time and particle embeddings added to the tokens (the paper's "No RPE" ablation)."""
+        super().__init__()
+        bg_features_dim = bg_features_dim or features_dim
+        if dim % heads:
+            raise ValueError(f"pint_dim ({dim}) must be divisible by pint_heads ({heads})")
+        self.n_tokens, self.max_frames = n_particles + 1, max_frames
+        self.predict_delta, self.max_delta, self.activation = predict_delta, max_delta, activation
+        self.embedding = ParticleEmbedding(features_dim, bg_features_dim, dim)
+        self.blocks = nn.ModuleList(Block(dim, heads, max_frames, self.n_tokens, dropout, relative_bias)
+                                    for _ in range(layers))
+        self.absolute = None if relative_bias else nn.ParameterList(
+            [nn.Parameter(torch.zeros(max_frames, dim)), nn.Parameter(torch.zeros(self.n_tokens, dim))])
+        self.ln_f = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, dim, bias=False)
+        self.readout = ParticleReadout(features_dim, bg_features_dim, dim)
+        self.reset_transformer()
+
+    def reset_transformer(self) -> None:
+        """Official init of the trunk: N(0, 0.02) linears and bias tables, unit LayerNorms."""
+        for m in [*self.blocks.modules(), self.ln_f, self.head]:
+            if isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, RelativeBias):
+                nn.init.normal_(m.time, std=0.02)
+                nn.init.normal_(m.particle, std=0.02)
+        if self.absolute is not None:
+            for p in self.absolute:
+                nn.init.normal_(p, std=0.02)
+
+    def trunk(self, tokens: Tensor) -> Tensor:
+        """tokens [B, T, N, D] -> [B, T, N, D] (causal in T)."""
+        B, T, N, D = tokens.shape
+        if T > self.max_frames:
+            raise ValueError(f"PINT sees at most {self.max_frames} frames at once, got {T}")
+        if self.absolute is not None:   # "No RPE" ablation: learned absolute time/particle codes
+            tokens = tokens + self.absolute[0][:T, None] + self.absolute[1]
+        x = tokens.permute(0, 2, 1, 3).reshape(B, N * T, D)
+        for block in self.blocks:
+            x = block(x, block.attn.attention_mask(N, T, x))
+        x = self.head(self.ln_f(x))
+        return x.view(B, N, T, D).permute(0, 2, 1, 3)
+
+    def forward(self, p: Particles) -> Particles:
+        """Particles [B, T, K, ...] (values only are read) -> prior of frames 1..T [B, T, K, ...]."""
+        return self.read(self.trunk(self.embedding(p)), p)
+
+    def read(self, h: Tensor, p: Particles, min_beta: float = 0.0) -> Particles:
+        """Turn trunk outputs into distributions; with predict_delta means are offsets from `p`."""
+        r = self.readout
+        h = r.backbone(h)
+        fg, bg = h[..., :-1, :], h[..., -1, :]
+        py, px = r.position_y_head(fg), r.position_x_head(fg)
+        squash = torch.tanh if self.activation == "tanh" else torch.sigmoid
+        position = self.max_delta * squash(torch.stack([py[..., 0], px[..., 0]], -1))
+        position_logvar = torch.stack([py[..., 1], px[..., 1]], -1)
+        scale_mu, scale_logvar = r.scale_head(fg).chunk(2, -1)
+        on = r.transparency_head(fg)
+        a, b = torch.exp(on[..., 0]), torch.exp(on[..., 1])
+        if min_beta:
+            a, b = a.clamp_min(min_beta), b.clamp_min(min_beta)
+        depth_delta = r.depth_head(fg)[..., :1]
+        features_mu, features_logvar = r.features_head(fg).chunk(2, -1)
+        bg_mu, bg_logvar = r.bg_features_head(bg).chunk(2, -1)
+        depth_mu = depth_delta
+        if self.predict_delta:
+            position = p.position + position
+            scale_mu = p.scale + scale_mu
+            depth_mu = p.depth + depth_delta
+            features_mu = p.features + features_mu
+            bg_mu = p.bg_features + bg_mu
+        # Official quirk, kept for parity: the depth log-variance is the depth head's *mean*
+        # output; its log-variance output is unused.
+        return Particles(
+            position=position, scale=scale_mu, depth=depth_mu, transparency=a / (a + b),
+            features=features_mu, bg_features=bg_mu,
+            position_mu=position, position_logvar=position_logvar,
+            scale_mu=scale_mu, scale_logvar=scale_logvar,
+            depth_mu=depth_mu, depth_logvar=depth_delta,
+            transparency_a=a, transparency_b=b,
+            features_mu=features_mu, features_logvar=features_logvar,
+            bg_mu=bg_mu, bg_logvar=bg_logvar)
+
+    def step(self, history: Particles, deterministic: bool = True) -> Particles:
+        """Next-frame particles [B, K, ...] from the last `max_frames` frames of `history`."""
+        window = history[:, -self.max_frames:]
+        h = self.trunk(self.embedding(window))[:, -1]
+        prior = self.read(h, window[:, -1], min_beta=1e-5)
+        if deterministic:
+            return prior
+        sample = lambda mu, lv: mu + torch.exp(0.5 * lv) * torch.randn_like(mu)  # noqa: E731
+        position = sample(prior.position_mu, prior.position_logvar)
+        depth = sample(prior.depth_mu, prior.depth_logvar)
+        scale = sample(prior.scale_mu, prior.scale_logvar)
+        features = sample(prior.features_mu, prior.features_logvar)
+        bg = sample(prior.bg_mu, prior.bg_logvar)
+        on = torch.distributions.Beta(prior.transparency_a, prior.transparency_b).sample()
+        return prior.replace(position=position, depth=depth, scale=scale, features=features,
+                             bg_features=bg, transparency=on)
