@@ -153,8 +153,8 @@ def encode_frame(attr_enc: AttributeEncoder, app_enc: AppearanceEncoder, x: Tens
     if noisy:   # random glimpse size; `0 *` keeps the graph without a gradient
         logit = math.log(anchor_s / (1 - anchor_s + 1e-5))
         scale = 0 * scale + logit + 0.1 * torch.randn_like(scale)
-    if warmup:
-        anchor, position, scale = anchor.detach(), position.detach(), scale.detach()
+    if warmup:   # the anchor keeps its graph: the Chamfer-KL still trains the prior in warm-up
+        position, scale = position.detach(), scale.detach()
 
     feat_mu, feat_logvar, glimpses = app_enc(x, position, scale.detach())
     features = reparameterize(feat_mu, feat_logvar, deterministic)

@@ -1,0 +1,28 @@
+# `make demo` and `make test` create .venv and install what they need on first use.
+# TORCH pins the CPU wheel that this project's machines carry on disk; on a GPU machine use
+# e.g. `make test TORCH=torch` to keep or install the CUDA build of your choice.
+VENV  ?= .venv
+PY    := $(VENV)/bin/python
+TORCH ?= torch==2.13.0
+
+.PHONY: setup demo test parity bench clean
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check "$(TORCH)"
+	$(PY) -m pip install -q --disable-pip-version-check -e ".[test]"
+	touch $@
+
+setup: $(VENV)/.installed
+
+demo: setup
+	$(VENV)/bin/ddlp demo --out outputs/demo.png
+
+test: setup
+	$(PY) -m pytest -q
+
+parity: setup
+	$(PY) -m ddlp.parity ../shared/fixtures/parity/*_small.pt
+
+clean:
+	rm -rf $(VENV) outputs .pytest_cache

@@ -1,0 +1,26 @@
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def shared_dir() -> Path | None:
+    """The reference material (`shared/`): $DDLP_SHARED, else beside the repository."""
+    for candidate in (os.environ.get("DDLP_SHARED"), REPO.parent / "shared", REPO / "shared"):
+        if candidate and (Path(candidate) / "fixtures").is_dir():
+            return Path(candidate)
+    return None
+
+
+SHARED = shared_dir()
+needs_shared = pytest.mark.skipif(SHARED is None, reason="reference fixtures (../shared/fixtures) not found; "
+                                  "set DDLP_SHARED to the folder holding fixtures/")
+
+
+@pytest.fixture(autouse=True)
+def _seed_and_threads():
+    torch.manual_seed(0)
+    yield

@@ -1,0 +1,195 @@
+"""Model behaviour beyond parity: shapes, gradients, determinism, persistence, bad input."""
+import pytest
+import torch
+
+from ddlp import DDLP, DLP, Config, ConfigError, Particles, build_model
+from ddlp.data.synthetic import moving_discs
+from ddlp.losses import elbo
+from ddlp.model import ParticleModel
+
+
+def small(model="ddlp", **kw):
+    base = dict(model=model, image_size=64, enc_channels=[8, 16, 16], prior_channels=[8, 8, 16],
+                patch_size=8, n_kp_enc=4, n_kp_prior=8, learned_feature_dim=3, pint_dim=32,
+                pint_heads=4, pint_layers=2, timestep_horizon=4)
+    base.update(kw)
+    return Config(**base).validate()
+
+
+@pytest.mark.parametrize("size,anchor_s,patch,enc", [
+    (32, 0.5, 4, [8, 16]), (64, 0.25, 8, [8, 16, 16]), (64, 0.25, 32, [8, 16, 16]),
+    (128, 0.25, 16, [8, 8, 16, 16]), (128, 0.125, 16, [8, 8, 16, 16]), (256, 0.125, 32, [8, 8, 8, 16, 16]),
+])
+def test_shapes_over_image_and_patch_sizes(size, anchor_s, patch, enc):
+    n_patches = (size // patch) ** 2
+    K = min(4, n_patches)
+    cfg = small(image_size=size, anchor_s=anchor_s, patch_size=patch, enc_channels=enc,
+                n_kp_enc=K, n_kp_prior=min(8, n_patches))
+    g = cfg.glimpse_size
+    model = DDLP(cfg)
+    B, T = 2, cfg.timestep_horizon + 1
+    x = torch.rand(B, T, 3, size, size)
+    out = model(x)
+    p, q = out.posterior, out.prior
+    assert out.rec.shape == x.shape and out.bg.shape == x.shape
+    assert p.position.shape == (B, T, K, 2) and p.scale.shape == (B, T, K, 2)
+    assert p.depth.shape == (B, T, K, 1) and p.transparency.shape == (B, T, K)
+    assert p.features.shape == (B, T, K, 3) and p.bg_features.shape == (B, T, 3)
+    assert out.glimpses.shape == (B, T, K, 3, g, g)
+    assert out.foreground.glimpses.shape == (B, T, K, 4, g, g)
+    assert out.foreground.alpha_masks.shape == (B, T, K, 1, size, size)
+    assert out.proposals.shape == (B, T, min(8, n_patches), 2)
+    assert q.position_mu.shape == (B, T - 1, K, 2) and q.bg_mu.shape == (B, T - 1, 3)
+    assert torch.isfinite(elbo(out, x, cfg)["loss"])
+    img = DLP(small("dlp", image_size=size, anchor_s=anchor_s, patch_size=patch, enc_channels=enc,
+                    n_kp_enc=K, n_kp_prior=min(8, n_patches)))
+    o = img(x[:, 0])
+    assert o.rec.shape == (B, 3, size, size) and o.posterior.position.shape == (B, K, 2)
+
+
+def _trainable_without_grad(model, x, **flags):
+    model.train()
+    out = model(x, **{k: v for k, v in flags.items() if k in ("warmup", "noisy")})
+    extra = {"discount": torch.ones(model.config.timestep_horizon)} if model.config.is_video else {}
+    logs = elbo(out, x, model.config, warmup=flags.get("warmup", False), noisy=flags.get("noisy", False), **extra)
+    model.zero_grad()
+    logs["loss"].backward()
+    return [n for n, p in model.named_parameters()
+            if p.requires_grad and n not in SOFTMAX_INVARIANT
+            and (p.grad is None or not torch.isfinite(p.grad).all() or p.grad.abs().sum() == 0)]
+
+
+# A bias added to every logit of a softmax has an exactly zero gradient (in the official model too).
+SOFTMAX_INVARIANT = {"prior.cnn.keymap.bias"}
+
+
+def test_gradients_reach_every_parameter_ddlp():
+    torch.manual_seed(1)
+    model = DDLP(small())
+    x = moving_discs(frames=5, size=64, batch=2, seed=3)
+    assert _trainable_without_grad(model, x) == []
+
+
+def test_gradients_reach_every_parameter_dlp_with_mixer():
+    model = DLP(small("dlp", filtering_heuristic="none", n_kp_prior=64))
+    x = moving_discs(frames=1, size=64, batch=2, seed=3)[:, 0]
+    assert _trainable_without_grad(model, x) == []
+
+
+def test_warmup_trains_the_prior_through_the_chamfer_term():
+    model = DDLP(small())
+    x = moving_discs(frames=5, size=64, batch=2, seed=4)
+    missing = _trainable_without_grad(model, x, warmup=True, noisy=True)
+    assert not [n for n in missing if n.startswith("prior.")]
+
+
+def test_deterministic_mode_repeats_bit_for_bit():
+    model = DDLP(small()).eval()
+    x = moving_discs(frames=5, size=64, batch=2, seed=5)
+    a = model(x, deterministic=True)
+    torch.manual_seed(123)
+    b = model(x, deterministic=True)
+    assert torch.equal(a.rec, b.rec) and torch.equal(a.prior.position_mu, b.prior.position_mu)
+    r1, p1 = model.rollout(x, steps=7, cond_steps=3)
+    r2, p2 = model.rollout(x, steps=7, cond_steps=3)
+    assert torch.equal(r1, r2) and torch.equal(p1.position, p2.position)
+    c = model(x, deterministic=False)                       # sampling really samples
+    assert not torch.equal(a.posterior.position, c.posterior.position)
+
+
+def test_deterministic_values_are_the_means():
+    model = DDLP(small()).eval()
+    out = model(moving_discs(frames=5, size=64, batch=1, seed=6), deterministic=True)
+    p = out.posterior
+    assert torch.equal(p.position, p.anchor + p.offset_mu) and torch.equal(p.scale, p.scale_mu)
+    assert torch.equal(p.transparency, p.transparency_a / (p.transparency_a + p.transparency_b))
+    # the tracking anchor of frame t is the position of frame t-1
+    assert torch.equal(p.anchor[:, 1:], p.position[:, :-1])
+
+
+def test_rollout_shapes_and_sliding_window():
+    cfg = small()
+    model = DDLP(cfg).eval()
+    x = moving_discs(frames=3, size=64, batch=2, seed=7)
+    frames, p = model.rollout(x, steps=9, cond_steps=3)       # 12 frames > window of 4
+    assert frames.shape == (2, 12, 3, 64, 64) and p.position.shape == (2, 12, 4, 2)
+    assert torch.isfinite(frames).all()
+    enc = model.encode(x)
+    assert torch.allclose(p.position[:, :3], enc.position)
+    with pytest.raises(ValueError, match="cond_steps=5"):
+        model.rollout(x, steps=2, cond_steps=5)
+
+
+def test_decode_reconstructs_forward():
+    model = DDLP(small()).eval()
+    x = moving_discs(frames=5, size=64, batch=1, seed=8)
+    out = model(x, deterministic=True)
+    assert torch.allclose(model.decode(out.posterior), out.rec, atol=1e-6)
+
+
+def test_save_and_load_round_trip(tmp_path):
+    model = DDLP(small(pint_relative_bias=False)).eval()
+    model.save_pretrained(tmp_path / "m")
+    assert {p.name for p in (tmp_path / "m").iterdir()} == {"model.safetensors", "config.json"}
+    loaded = ParticleModel.from_pretrained(tmp_path / "m").eval()
+    assert isinstance(loaded, DDLP) and loaded.config == model.config
+    for (k, a), (k2, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert k == k2 and torch.equal(a, b)
+    x = moving_discs(frames=5, size=64, batch=1, seed=9)
+    assert torch.equal(model(x, deterministic=True).rec, loaded(x, deterministic=True).rec)
+    with pytest.raises(FileNotFoundError, match="not a ddlp model directory"):
+        ParticleModel.from_pretrained(tmp_path)
+
+
+def test_bad_input_messages():
+    model = DDLP(small())
+    with pytest.raises(ValueError, match=r"expected frames of shape \[B, T, 3, 64, 64\].*\(2, 5, 3, 32, 32\)"):
+        model(torch.rand(2, 5, 3, 32, 32))
+    with pytest.raises(ValueError, match="got \\(2, 5, 1, 64, 64\\)"):
+        model(torch.rand(2, 5, 1, 64, 64))
+    with pytest.raises(ValueError, match="expected frames"):
+        model(torch.rand(2, 3, 64, 64))
+    with pytest.raises(ValueError, match="float images"):
+        model(torch.zeros(1, 5, 3, 64, 64, dtype=torch.uint8))
+    img = DLP(small("dlp"))
+    with pytest.raises(ValueError, match=r"expected images of shape \[B, 3, 64, 64\]"):
+        img(torch.rand(1, 5, 3, 64, 64))
+    x = moving_discs(frames=3, size=64, batch=1)
+    with pytest.raises(ValueError, match="timestep_horizon \\+ 1 = 5"):
+        elbo(model(x), x, model.config)
+
+
+@pytest.mark.parametrize("change,message", [
+    (dict(patch_size=7), "patch_size"), (dict(image_size=100), "power of two"),
+    (dict(anchor_s=0.1), "glimpse"), (dict(n_kp_enc=20), "exceeds"),
+    (dict(filtering_heuristic="best"), "filtering_heuristic"), (dict(pint_heads=5), "divisible"),
+    (dict(model="vae"), "model must be"), (dict(recon_loss_type="l1"), "recon_loss_type"),
+    (dict(ch=1), "RGB"), (dict(enable_enc_attn=True), "not implemented"),
+    (dict(enc_channels=[8, 8, 8, 8, 8, 8]), "background map"),
+])
+def test_invalid_config_values(change, message):
+    with pytest.raises(ConfigError, match=message):
+        small(**change)
+    with pytest.raises(ConfigError, match=message):
+        Config.from_dict({**small().to_dict(), **change})
+
+
+def test_presets_and_official_files():
+    cfg = Config.preset("balls")
+    assert cfg.model == "ddlp" and cfg.n_kp_enc == 6 and cfg.glimpse_size == 16
+    assert cfg.extra["animation_fps"] == 0.06            # script-only keys are kept
+    assert Config.preset("shapes").model == "dlp"
+    with pytest.raises(ConfigError, match="unknown preset"):
+        Config.preset("nope")
+
+
+def test_particles_helpers():
+    model = DDLP(small()).eval()
+    p = model.encode(moving_discs(frames=5, size=64, batch=2, seed=1))
+    assert p.batch_shape == (2, 5) and p.num_particles == 4
+    frame = p[:, 2]
+    assert frame.position.shape == (2, 4, 2) and frame.bg_features.shape == (2, 3)
+    assert torch.equal(Particles.stack([p[:, t] for t in range(5)]).position, p.position)
+    assert p.values().position_mu is None and p.detach().position.requires_grad is False
+    means = p.means()
+    assert torch.equal(means.position, p.position_mu)

@@ -1,0 +1,84 @@
+"""PINT on its own: causality, the relative bias, and the delta/quirk rules."""
+import torch
+
+from ddlp import PINT, Particles
+
+
+def random_particles(B=2, T=4, K=3, F=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    return Particles(position=r(B, T, K, 2).tanh(), scale=r(B, T, K, 2), depth=r(B, T, K, 1),
+                     transparency=torch.rand(B, T, K, generator=g), features=r(B, T, K, F),
+                     bg_features=r(B, T, F))
+
+
+def make(**kw):
+    torch.manual_seed(0)
+    args = dict(n_particles=3, features_dim=2, dim=32, heads=4, layers=2, max_frames=4)
+    args.update(kw)
+    return PINT(**args).eval()
+
+
+def test_prediction_is_causal_in_time():
+    pint, p = make(), random_particles()
+    out = pint(p)
+    later = p.replace(position=p.position.clone())
+    later.position[:, 2:] += 0.5                        # change frames 2 and 3 only
+    out2 = pint(later)
+    assert torch.allclose(out.position_mu[:, :2], out2.position_mu[:, :2], atol=1e-6)
+    assert not torch.allclose(out.position_mu[:, 2:], out2.position_mu[:, 2:])
+
+
+def test_relative_bias_layout():
+    pint = make()
+    rb = pint.blocks[0].attn.bias
+    torch.nn.init.normal_(rb.time)
+    torch.nn.init.normal_(rb.particle)
+    T, N = 3, pint.n_tokens
+    bias = rb(T)                                         # [heads, N*T, N*T], index n*T + t
+    for nq in range(N):
+        for tq in range(T):
+            for nk in range(N):
+                for tk in range(T):
+                    want = rb.time[rb.max_frames - 1 + tk - tq] + rb.particle[N - 1 + nk - nq]
+                    assert torch.allclose(bias[:, nq * T + tq, nk * T + tk], want)
+
+
+def test_fused_attention_equals_explicit_softmax():
+    pint = make()
+    attn = pint.blocks[0].attn
+    torch.nn.init.normal_(attn.bias.time)
+    x = torch.randn(2, pint.n_tokens * 3, 32)
+    mask = attn.attention_mask(pint.n_tokens, 3, x)
+    B, S, D = x.shape
+    q, k, v = (m(x).view(B, S, 4, 8).transpose(1, 2) for m in (attn.query, attn.key, attn.value))
+    w = (q @ k.transpose(-1, -2) / 8 ** 0.5 + mask).softmax(-1)
+    ref = attn.proj((w @ v).transpose(1, 2).reshape(B, S, D))
+    assert torch.allclose(attn(x, mask), ref, atol=1e-5)
+
+
+def test_delta_prediction_and_depth_quirk():
+    p = random_particles()
+    delta = make(predict_delta=True)(p)
+    # means are offsets from the input; the depth "logvar" is the depth mean offset
+    assert torch.allclose(delta.depth_logvar, delta.depth_mu - p.depth, atol=1e-6)
+    absolute = make(predict_delta=False)(p)
+    assert torch.equal(absolute.depth_logvar, absolute.depth_mu)
+    assert absolute.position_mu.abs().max() <= 1
+
+
+def test_rollout_step_uses_a_sliding_window():
+    pint = make()
+    p = random_particles(T=7)
+    nxt = pint.step(p)                                   # only the last max_frames=4 frames matter
+    assert torch.allclose(nxt.position, pint.step(p[:, -4:]).position, atol=1e-6)
+    assert nxt.position.shape == (2, 3, 2) and nxt.bg_features.shape == (2, 2)
+    s = pint.step(p, deterministic=False)
+    assert ((s.transparency >= 0) & (s.transparency <= 1)).all()
+
+
+def test_absolute_embedding_ablation():
+    pint = make(relative_bias=False)
+    assert all(b.attn.bias is None for b in pint.blocks)
+    out = pint(random_particles())
+    assert out.position_mu.shape == (2, 4, 3, 2)
