@@ -166,6 +166,7 @@ def test_bad_input_messages():
     (dict(model="vae"), "model must be"), (dict(recon_loss_type="l1"), "recon_loss_type"),
     (dict(ch=1), "RGB"), (dict(enable_enc_attn=True), "not implemented"),
     (dict(enc_channels=[8, 8, 8, 8, 8, 8]), "background map"),
+    (dict(image_size="64"), "image_size must be of type int"), (dict(beta_kl=True), "beta_kl"),
 ])
 def test_invalid_config_values(change, message):
     with pytest.raises(ConfigError, match=message):
@@ -193,3 +194,14 @@ def test_particles_helpers():
     assert p.values().position_mu is None and p.detach().position.requires_grad is False
     means = p.means()
     assert torch.equal(means.position, p.position_mu)
+
+
+def test_dlp_tracking_over_clips():
+    """use_tracking: a DLP tracks particles through a clip, with proposals on every frame."""
+    model = DLP(small("dlp", use_tracking=True)).eval()
+    x = moving_discs(frames=3, size=64, batch=2, seed=2)
+    out = model(x, deterministic=True)
+    assert out.rec.shape == x.shape and out.posterior.position.shape == (2, 3, 4, 2)
+    assert torch.equal(out.posterior.anchor[:, 1:], out.posterior.position[:, :-1])
+    assert out.proposals.shape == (2, 3, 8, 2) and not torch.equal(out.proposals[:, 1], out.proposals[:, 2])
+    assert torch.isfinite(elbo(out, x, model.config)["loss"])

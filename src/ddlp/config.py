@@ -20,6 +20,9 @@ class ConfigError(ValueError):
     """A configuration value that the model cannot be built with."""
 
 
+_TYPES = {"int": int, "float": (int, float), "bool": bool, "str": str, "dict[str, Any]": dict}
+
+
 @dataclass
 class Config:
     # --- model: which one
@@ -107,11 +110,22 @@ class Config:
         return self.model == "ddlp"
 
     # ---------------------------------------------------------------- validation
+    def check_types(self) -> None:
+        for f in dataclasses.fields(self):
+            value, kind = getattr(self, f.name), f.type.replace(" | None", "")
+            if value is None and "None" in f.type:
+                continue
+            want = _TYPES.get(kind, list if kind.startswith("list") else object)
+            numeric_bool = kind in ("int", "float") and isinstance(value, bool)
+            if numeric_bool or not isinstance(value, want):
+                raise ConfigError(f"{f.name} must be of type {kind}, got {value!r}")
+
     def validate(self) -> "Config":
         def need(ok: bool, msg: str):
             if not ok:
                 raise ConfigError(msg)
 
+        self.check_types()
         need(self.model in ("ddlp", "dlp"), f"model must be 'ddlp' or 'dlp', got {self.model!r}")
         need(self.ch == 3, f"only RGB images are supported (ch=3), got ch={self.ch}")
         need(self.image_size > 0 and self.image_size & (self.image_size - 1) == 0,
@@ -168,12 +182,7 @@ class Config:
         for key in ("enc_channels", "prior_channels", "kp_range", "adam_betas"):
             if key in known:
                 known[key] = list(known[key])
-        cfg = cls(**known, extra=extra)
-        for f in dataclasses.fields(cls):
-            v = getattr(cfg, f.name)
-            if f.type in ("int", "float") and isinstance(v, bool):
-                raise ConfigError(f"{f.name} must be a number, got {v!r}")
-        return cfg.validate()
+        return cls(**known, extra=extra).validate()
 
     @classmethod
     def from_json(cls, path: str | Path, **overrides) -> "Config":

@@ -121,6 +121,36 @@ class ParticleModel(nn.Module):
         return load_pretrained(directory, map_location)
 
 
+    def track(self, x: Tensor, *, deterministic: bool = False, warmup: bool = False,
+              noisy: bool = False, train_prior: bool = True,
+              proposal_frames: Optional[int] = None) -> tuple[Particles, Tensor, Tensor]:
+        """Tracking posterior of frames [B, T, 3, H, W] (no background).
+
+        Proposals come from the first `proposal_frames` frames (DDLP: the burn-in frames).
+        Frame 0 refines the first K proposals into anchors; every later frame is anchored at the
+        previous positions, with the previous glimpses as correlation templates. Returns
+        particles [B, T, K, ...], proposals [B, T, L, 2] (detached; later frames repeat the last
+        proposal frame) and the appearance glimpses [B, T, K, 3, g, g].
+        """
+        B, T = x.shape[:2]
+        ns = min(proposal_frames or self.config.num_static_frames, T)
+        heuristic = "random" if (warmup or noisy) and proposal_frames else None
+        kp, _, _ = self.prior(_flat(x[:, :ns], 2), heuristic)
+        if not train_prior:
+            kp = 0 * kp + kp.detach()
+        kp = kp.view(B, ns, -1, 2)
+        flags = dict(deterministic=deterministic, warmup=warmup, noisy=noisy)
+        frames = [self._encode(x[:, 0], kp[:, 0], **flags)]
+        for t in range(1, T):
+            prev = frames[-1]
+            frames.append(self._encode(x[:, t], prev.particles.position.detach(), prev=prev,
+                                       refine=False, **flags))
+        kp = kp.detach()
+        kp = torch.cat([kp, kp[:, -1:].expand(B, T - ns, -1, -1)], 1)
+        particles = Particles.stack([f.particles for f in frames])
+        return particles, kp, torch.stack([f.glimpses for f in frames], 1)
+
+
 class DLP(ParticleModel):
     """DLPv2: particles of single images."""
 
@@ -129,6 +159,8 @@ class DLP(ParticleModel):
 
     def forward(self, x: Tensor, deterministic: bool = False, warmup: bool = False,
                 noisy: bool = False, train_prior: bool = True) -> Output:
+        if self.config.use_tracking and x.ndim == 5:
+            return self._forward_tracked(x, deterministic, warmup, noisy, train_prior)
         self.check_input(x, video=False)
         kp = self.propose(x, train_prior)
         anchors = kp if self.mixer is None else self.mixer(x, kp)
@@ -141,6 +173,22 @@ class DLP(ParticleModel):
         return Output(fg.bg_mask * bg + fg.image, posterior, kp.detach(), fg, bg, enc.glimpses, bg_mask)
 
 
+    def _forward_tracked(self, x, deterministic, warmup, noisy, train_prior) -> Output:
+        """use_tracking: particles tracked over a clip, proposals (and the Chamfer-KL) on every
+        frame; the loss still treats frames as independent images."""
+        self.check_input(x, video=True)
+        B, T = x.shape[:2]
+        p, kp, glimpses = self.track(x, deterministic=deterministic, warmup=warmup, noisy=noisy,
+                                     train_prior=train_prior, proposal_frames=T)
+        fg = self.decode_foreground(p, noisy)
+        bg_mu, bg_logvar, bg_z, bg_mask = self.encode_background(_flat(x, 2), p.map(lambda t: _flat(t, 2)),
+                                                                 deterministic)
+        bg = self.background.decode(bg_z).view(x.shape)
+        view = lambda t: t.view(B, T, *t.shape[1:])  # noqa: E731
+        posterior = p.replace(bg_features=view(bg_z), bg_mu=view(bg_mu), bg_logvar=view(bg_logvar))
+        return Output(fg.bg_mask * bg + fg.image, posterior, kp, fg, bg, glimpses, view(bg_mask))
+
+
 class DDLP(ParticleModel):
     """DDLP: DLPv2 particles tracked over video frames, with the PINT dynamics prior."""
 
@@ -151,30 +199,6 @@ class DDLP(ParticleModel):
                          c.pint_heads, c.pint_layers, c.timestep_horizon,
                          predict_delta=c.predict_delta, activation=c.kp_activation,
                          relative_bias=c.pint_relative_bias)
-
-    def track(self, x: Tensor, *, deterministic: bool = False, warmup: bool = False,
-              noisy: bool = False, train_prior: bool = True) -> tuple[Particles, Tensor, Tensor]:
-        """Tracking posterior of frames [B, T, 3, H, W] (no background).
-
-        Proposals come from the burn-in frames only. Frame 0 refines the first K proposals into
-        anchors; every later frame is anchored at the previous positions, with the previous
-        glimpses as correlation templates. Returns particles [B, T, K, ...], proposals
-        [B, T, L, 2] (detached; frames after burn-in repeat the last burn-in frame) and the
-        appearance glimpses [B, T, K, 3, g, g].
-        """
-        B, T = x.shape[:2]
-        ns = min(self.config.num_static_frames, T)
-        kp = self.propose(_flat(x[:, :ns], 2), train_prior).view(B, ns, -1, 2)
-        flags = dict(deterministic=deterministic, warmup=warmup, noisy=noisy)
-        frames = [self._encode(x[:, 0], kp[:, 0], **flags)]
-        for t in range(1, T):
-            prev = frames[-1]
-            frames.append(self._encode(x[:, t], prev.particles.position.detach(), prev=prev,
-                                       refine=False, **flags))
-        kp = kp.detach()
-        kp = torch.cat([kp, kp[:, -1:].expand(B, T - ns, -1, -1)], 1)
-        particles = Particles.stack([f.particles for f in frames])
-        return particles, kp, torch.stack([f.glimpses for f in frames], 1)
 
     def encode(self, frames: Tensor, deterministic: bool = True) -> Particles:
         """Posterior particles of a clip [B, T, 3, H, W], background included."""

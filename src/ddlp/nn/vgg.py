@@ -75,7 +75,7 @@ def find_vgg16_weights(path: Optional[str | os.PathLike] = None) -> Path:
             f"VGG-16 ImageNet weights are needed (perceptual loss / LPIPS) but are not available "
             f"offline and could not be downloaded ({type(e).__name__}). Download {VGG16_URL} on a "
             f"machine with internet and either put it at {cached}, or point to it with "
-            f"DDLP_VGG16_WEIGHTS=/path/to/{VGG16_FILE} (or --vgg-weights)."
+            f"DDLP_VGG16_WEIGHTS=/path/to/{VGG16_FILE}."
         ) from None
     return cached
 
