@@ -88,18 +88,19 @@ class Particles:
     @staticmethod
     def stack(items: list["Particles"], dim: int = 1) -> "Particles":
         """Stack per-frame particles along a new time dim (default 1: [B, T, ...])."""
-        out = {}
-        for f in fields(Particles):
-            values = [getattr(p, f.name) for p in items]
-            out[f.name] = None if any(v is None for v in values) else torch.stack(values, dim)
-        return Particles(**out)
+        return Particles._join(items, lambda ts: torch.stack(ts, dim))
 
     @staticmethod
     def cat(items: list["Particles"], dim: int = 1) -> "Particles":
+        """Concatenate along an existing dim (default 1: time)."""
+        return Particles._join(items, lambda ts: torch.cat(ts, dim))
+
+    @staticmethod
+    def _join(items: list["Particles"], join) -> "Particles":
         out = {}
         for f in fields(Particles):
             values = [getattr(p, f.name) for p in items]
-            out[f.name] = None if any(v is None for v in values) else torch.cat(values, dim)
+            out[f.name] = None if any(v is None for v in values) else join(values)
         return Particles(**out)
 
     def values(self) -> "Particles":
