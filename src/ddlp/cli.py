@@ -80,6 +80,82 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def _parse_value(text: str):
+    import json
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def _train_config(args):
+    from .config import Config
+    overrides = {}
+    for item in args.set or []:
+        if "=" not in item:
+            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
+        key, value = item.split("=", 1)
+        overrides[key.strip()] = _parse_value(value)
+    for key in ("batch_size", "seed", "num_epochs", "epoch_steps"):
+        if getattr(args, key, None) is not None:
+            overrides[key] = getattr(args, key)
+    if args.data_root:
+        overrides["root"] = args.data_root
+    if args.dataset:
+        overrides["ds"] = args.dataset
+    if args.config:
+        return Config.from_json(args.config, **overrides)
+    return Config.preset(args.preset, **overrides)
+
+
+def cmd_train(args) -> int:
+    from .config import Config
+    from .data.registry import build_dataset
+    from .train import Trainer, TrainOptions, latest_checkpoint
+    if args.resume:
+        run = Path(args.resume)
+        if not (run / "config.json").is_file():
+            raise FileNotFoundError(f"{run} is not a training run (no config.json)")
+        if latest_checkpoint(run) is None:
+            raise FileNotFoundError(f"{run} has no complete checkpoint to resume from")
+        config = Config.from_json(run / "config.json")
+        args.run_dir = str(run)
+    else:
+        config = _train_config(args)
+    train_set = build_dataset(config, "train")
+    val_set = build_dataset(config, "val")
+    opts = TrainOptions(run_dir=args.run_dir, max_steps=args.max_steps, max_minutes=args.max_minutes,
+                        num_workers=args.workers, precision=args.precision, compile=args.compile,
+                        grad_accum=args.grad_accum, checkpoint_every=args.checkpoint_every,
+                        progress=not args.no_progress, vgg_weights=args.vgg_weights,
+                        figures=not args.no_figures)
+    trainer = Trainer(config, train_set, val_set, opts)
+    if args.resume:
+        trainer.resume()
+        print(f"resumed {args.run_dir} at step {trainer.global_step} (epoch {trainer.epoch})")
+    last = trainer.train()
+    if trainer.acc.is_main_process:
+        print(f"done: {trainer.global_step} steps, last loss {last.get('loss', float('nan')):.4g}; "
+              f"run in {args.run_dir}")
+    return 0
+
+
+def cmd_data_balls(args) -> int:
+    from .data.balls import write_balls
+    n_eval = args.eval_episodes if args.eval_episodes is not None else max(1, args.episodes // 25)
+    write_balls(args.out, episodes={"train": args.episodes, "val": n_eval, "test": n_eval},
+                seqlen=args.frames)
+    print(f"wrote {args.out}/{{train,val,test}}.hdf5 ({args.episodes} / {n_eval} / {n_eval} episodes)")
+    return 0
+
+
+def cmd_quickstart(args) -> int:
+    from .quickstart import run
+    run(out_dir=args.out, data_dir=args.data, minutes=args.minutes, train_episodes=args.episodes,
+        seed=args.seed, workers=args.workers)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .config import PRESETS
     ap = argparse.ArgumentParser(prog="ddlp", description="Deep Dynamic Latent Particles: "
@@ -100,6 +176,52 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("fixtures", nargs="+")
     p.add_argument("--atol", type=float, default=None)
     p.set_defaults(fn=cmd_parity)
+
+    p = sub.add_parser("train", help="train a DLP or DDLP model",
+                       description="Train DLPv2 (image presets) or DDLP (video presets). Runs under "
+                       "python, torchrun and accelerate launch.")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--preset", default="balls_small", choices=PRESETS, help="configuration (default balls_small)")
+    src.add_argument("--config", help="a config JSON (ours or an official hparams.json)")
+    src.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its latest checkpoint")
+    p.add_argument("--data.root", dest="data_root", help="dataset folder (overrides the config's root)")
+    p.add_argument("--dataset", help="dataset name (default: the config's ds)")
+    p.add_argument("--run-dir", default="runs/ddlp", help="output folder (default runs/ddlp)")
+    p.add_argument("--max-steps", type=int, help="stop after this many optimizer steps")
+    p.add_argument("--max-minutes", type=float, help="stop after this much wall time")
+    p.add_argument("--num-epochs", type=int, help="override num_epochs")
+    p.add_argument("--epoch-steps", type=int, help="batches per epoch (default: a full pass)")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override any config key (repeatable)")
+    p.add_argument("--precision", default="no", choices=["no", "bf16", "fp16"], help="autocast precision")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation steps")
+    p.add_argument("--workers", type=int, default=2, help="DataLoader workers")
+    p.add_argument("--checkpoint-every", type=int, default=500, help="steps between checkpoints")
+    p.add_argument("--vgg-weights", help="VGG-16 ImageNet weights file for recon_loss_type vgg")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-figures", action="store_true")
+    p.set_defaults(fn=cmd_train)
+
+    p = sub.add_parser("data", help="generate datasets")
+    dsub = p.add_subparsers(dest="data_command", metavar="DATASET")
+    b = dsub.add_parser("balls", help="generate Balls-Interaction episodes (HDF5, G-SWM layout)")
+    b.add_argument("--out", required=True, help="output folder for train/val/test.hdf5")
+    b.add_argument("--episodes", type=int, default=5000, help="training episodes (default 5000)")
+    b.add_argument("--eval-episodes", type=int, help="val and test episodes each (default episodes/25)")
+    b.add_argument("--frames", type=int, default=100, help="frames per episode (default 100)")
+    b.set_defaults(fn=cmd_data_balls)
+
+    p = sub.add_parser("quickstart", help="generate Balls data, train a small DDLP on the CPU, "
+                       "evaluate and write a prediction GIF")
+    p.add_argument("--out", default="runs/quickstart")
+    p.add_argument("--data", default="data/balls", help="where the generated data go")
+    p.add_argument("--minutes", type=float, default=12.0, help="training time budget (default 12)")
+    p.add_argument("--episodes", type=int, default=300, help="training episodes to generate")
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(fn=cmd_quickstart)
 
     for name, fn, hlp in (("info", cmd_info, "print a model's size and configuration"),
                           ("demo", cmd_demo, "encode a generated clip and draw its particles")):
@@ -125,9 +247,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from .config import ConfigError
     from .convert import ConversionError
+    from .train import TrainingError
     try:
         return args.fn(args)
-    except (ConfigError, ConversionError, FileNotFoundError, ValueError) as e:
+    except (ConfigError, ConversionError, FileNotFoundError, ValueError, TrainingError) as e:
         print(f"ddlp {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any
 
 PRESETS = ("balls", "obj3d", "obj3d128", "traffic", "phyre", "clevrer",
-           "shapes", "obj3d_img", "obj3d128_img", "traffic_img")
+           "shapes", "obj3d_img", "obj3d128_img", "traffic_img",   # official, unchanged
+           "balls_small")                                          # ours: trains on a laptop CPU
 
 
 class ConfigError(ValueError):
@@ -85,6 +86,10 @@ class Config:
     eval_epoch_freq: int = 1
     eval_im_metrics: bool = True
     topk: int = 6
+    # --- ddlp additions (absent from official files; defaults reproduce the official schedule)
+    epoch_steps: int | None = None         # batches per "epoch" (None: one pass over the data)
+    dyn_ramp_min_iters: int = 10000        # future-frame weights ramp over max(this, epoch) iters
+    seed: int = 0
     # --- data
     ds: str = "balls"
     root: str | None = None

@@ -1,0 +1,395 @@
+"""Training for DLP and DDLP: one plain loop, the official schedule, exact resume.
+
+Runs unchanged under `python`, `torchrun` and `accelerate launch` (accelerate handles
+processes and mixed precision). Per batch: forward -> ELBO -> backward -> Adam step; per epoch:
+StepLR, validation ELBO, figures, checkpoints. Warm-up epochs (glimpse-level reconstruction) and
+"noisy" epochs (randomised glimpse scale and alphas) as in the official trainer, and the
+future-frame weights ramp up over the first iterations.
+
+A run directory holds:
+    config.json            the resolved config
+    checkpoints/step-N/    model.safetensors, config.json, state.pt (optimizer, schedule, RNG, counters)
+    checkpoints/latest     name of the newest complete checkpoint (replaced atomically)
+    best/                  model with the best validation ELBO
+    metrics.jsonl          one line per evaluation
+    figures/               nine-row figures and rollout GIFs
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Optional
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from .checkpoint import atomic_write, save_pretrained
+from .config import Config
+from .losses import elbo
+from .model import ParticleModel, build_model
+
+
+class TrainingError(RuntimeError):
+    pass
+
+
+@dataclass
+class TrainOptions:
+    run_dir: str = "runs/ddlp"
+    max_steps: Optional[int] = None         # stop after this many optimizer steps
+    max_minutes: Optional[float] = None     # stop (after a checkpoint) when this much time has passed
+    num_workers: int = 2
+    precision: str = "no"                   # 'no', 'bf16' or 'fp16' (accelerate autocast)
+    compile: bool = False
+    grad_accum: int = 1
+    checkpoint_every: int = 500             # steps
+    keep_checkpoints: int = 2
+    eval_batches: int = 8
+    tensorboard: bool = True
+    progress: bool = True
+    vgg_weights: Optional[str] = None
+    figures: bool = True
+    extra: dict = field(default_factory=dict)
+
+
+# ------------------------------------------------------------------------------ data order
+class EpochSampler(Sampler[int]):
+    """Shuffled indices from a generator seeded by (seed, epoch), sharded across processes and
+    able to start mid-epoch: the order depends on nothing but these numbers, so a resumed run
+    sees exactly the batches an uninterrupted one would."""
+
+    def __init__(self, n: int, batch_size: int, seed: int, rank: int = 0, world: int = 1):
+        self.n, self.batch_size, self.seed, self.rank, self.world = n, batch_size, seed, rank, world
+        self.epoch, self.skip_batches = 0, 0
+
+    def order(self) -> Tensor:
+        g = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
+        return torch.randperm(self.n, generator=g)[self.rank::self.world]
+
+    def batches_per_epoch(self) -> int:
+        return (self.n // self.world) // self.batch_size
+
+    def __iter__(self) -> Iterator[int]:
+        idx = self.order()[: self.batches_per_epoch() * self.batch_size]
+        return iter(idx[self.skip_batches * self.batch_size:].tolist())
+
+    def __len__(self) -> int:
+        return (self.batches_per_epoch() - self.skip_batches) * self.batch_size
+
+
+def _frames(batch) -> Tensor:
+    return batch["frames"] if isinstance(batch, dict) else batch
+
+
+# ------------------------------------------------------------------------------ the objective
+class Objective(nn.Module):
+    """Model + ELBO in one module, so DDP wraps exactly what is differentiated."""
+
+    def __init__(self, model: ParticleModel, vgg_weights: Optional[str] = None):
+        super().__init__()
+        self.model = model
+        self.recon = None
+        if model.config.recon_loss_type == "vgg":
+            from .nn.vgg import VGGPerceptualLoss
+            self.recon = VGGPerceptualLoss.pretrained(vgg_weights)
+
+    def forward(self, x: Tensor, warmup: bool, noisy: bool, discount: Optional[Tensor]):
+        c = self.model.config
+        if not c.is_video and x.ndim == 5 and not c.use_tracking:
+            x = x.flatten(0, 1)                 # a single-image model sees every frame of a clip
+        out = self.model(x, warmup=warmup, noisy=noisy)
+        kwargs = dict(warmup=warmup, noisy=noisy, recon=self.recon)
+        if c.is_video:
+            kwargs["discount"] = discount
+        return elbo(out, x, c, **kwargs), out
+
+
+def future_weights(iteration: int, config: Config, iters_per_epoch: int, device=None) -> Tensor:
+    """Official ramp of the future-frame weights: frame j after burn-in reaches weight 1 after
+    (j + 1) * W // T iterations, W = max(warmup_epoch, 1) * max(ramp_min, iters_per_epoch)."""
+    T = config.timestep_horizon
+    W = max(config.warmup_epoch, 1) * max(config.dyn_ramp_min_iters, iters_per_epoch)
+    step = max(W // T, 1)
+    thresholds = step * torch.arange(1, T + 1, dtype=torch.float32, device=device)
+    return (iteration / thresholds).clamp(0, 1)
+
+
+def particle_stats(out) -> dict[str, float]:
+    """What practitioners watch: visible particles, mean glimpse scale, Beta parameters."""
+    p = out.posterior
+    return dict(on=float(p.transparency.detach().sum(-1).mean()),
+                scale=float(torch.sigmoid(p.scale.detach()).mean()),
+                a=float(p.transparency_a.detach().mean()), b=float(p.transparency_b.detach().mean()))
+
+
+# ------------------------------------------------------------------------------ trainer
+class Trainer:
+    def __init__(self, config: Config, train_set: Dataset, val_set: Optional[Dataset] = None,
+                 options: Optional[TrainOptions] = None, model: Optional[ParticleModel] = None):
+        from accelerate import Accelerator
+        from accelerate.utils import set_seed
+
+        self.config, self.opt = config, options or TrainOptions()
+        self.run_dir = Path(self.opt.run_dir)
+        # Without a GPU, accelerate only forms a multi-process (gloo) group when told cpu=True.
+        self.acc = Accelerator(mixed_precision=self.opt.precision, cpu=not torch.cuda.is_available(),
+                               gradient_accumulation_steps=self.opt.grad_accum)
+        set_seed(config.seed)
+        self._check_writable()
+        self.model = model or build_model(config)
+        self.objective = Objective(self.model, self.opt.vgg_weights)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.Adam(params, lr=config.lr, betas=tuple(config.adam_betas),
+                                          eps=config.adam_eps, weight_decay=config.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, 1, config.scheduler_gamma)
+        self.objective, self.optimizer = self.acc.prepare(self.objective, self.optimizer)
+        self.forward = torch.compile(self.objective) if self.opt.compile else self.objective
+
+        self.train_set, self.val_set = train_set, val_set
+        self.sampler = EpochSampler(len(train_set), config.batch_size, config.seed,
+                                    self.acc.process_index, self.acc.num_processes)
+        if self.sampler.batches_per_epoch() == 0:
+            raise TrainingError(f"the training set has {len(train_set)} items: fewer than one batch "
+                                f"of {config.batch_size} per process")
+        self.loader = DataLoader(train_set, batch_size=config.batch_size, sampler=self.sampler,
+                                 num_workers=self.opt.num_workers, drop_last=True,
+                                 pin_memory=self.acc.device.type == "cuda",
+                                 generator=torch.Generator())   # keeps the global RNG stream untouched
+        self.epoch = self.step_in_epoch = self.global_step = self.iteration = 0
+        self.best_val = math.inf
+        self.writer = None
+        self.losses: list[float] = []           # per step, this process (for tests and plots)
+
+    # -------------------------------------------------------------------- helpers
+    @property
+    def steps_per_epoch(self) -> int:
+        full = self.sampler.batches_per_epoch() // self.opt.grad_accum
+        return min(full, self.config.epoch_steps) if self.config.epoch_steps else full
+
+    def _check_writable(self) -> None:
+        if not self.acc.is_main_process:
+            return
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            probe = self.run_dir / ".write-test"
+            probe.write_text("ok")
+            probe.unlink()
+        except OSError as e:
+            raise TrainingError(f"cannot write to the run directory {self.run_dir}: {e.strerror}") from None
+
+    def log(self, record: dict) -> None:
+        if not self.acc.is_main_process:
+            return
+        with open(self.run_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.writer is None and self.opt.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+                self.writer = SummaryWriter(str(self.run_dir / "tb"))
+            except ImportError:
+                self.opt.tensorboard = False
+        if self.writer is not None:
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and k not in ("step", "epoch"):
+                    self.writer.add_scalar(k, v, record.get("step", self.global_step))
+
+    # -------------------------------------------------------------------- checkpoints
+    def state(self) -> dict:
+        return dict(epoch=self.epoch, step_in_epoch=self.step_in_epoch, global_step=self.global_step,
+                    iteration=self.iteration, best_val=self.best_val,
+                    optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict(),
+                    rng=dict(torch=torch.get_rng_state(), numpy=np.random.get_state(),
+                             python=random.getstate(),
+                             cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None))
+
+    def save_checkpoint(self) -> Path:
+        """Write checkpoints/step-N/ completely, then point `latest` at it: a crash at any moment
+        leaves the previous checkpoint usable."""
+        self.acc.wait_for_everyone()
+        final = self.run_dir / "checkpoints" / f"step-{self.global_step:08d}"
+        if self.acc.is_main_process:
+            tmp = final.with_name(final.name + ".tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            save_pretrained(self.acc.unwrap_model(self.objective).model, tmp)
+            atomic_write(tmp / "state.pt", lambda p: torch.save(self.state(), p))
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+            atomic_write(final.parent / "latest", lambda p: Path(p).write_text(final.name))
+            for old in sorted(final.parent.glob("step-*[0-9]"))[:-self.opt.keep_checkpoints]:
+                shutil.rmtree(old, ignore_errors=True)
+        self.acc.wait_for_everyone()
+        return final
+
+    def resume(self, run_dir: Optional[Path] = None) -> bool:
+        ckpt = latest_checkpoint(run_dir or self.run_dir)
+        if ckpt is None:
+            return False
+        from safetensors.torch import load_file
+        self.acc.unwrap_model(self.objective).model.load_state_dict(load_file(ckpt / "model.safetensors"))
+        st = torch.load(ckpt / "state.pt", weights_only=False)
+        self.optimizer.load_state_dict(st["optimizer"])
+        self.scheduler.load_state_dict(st["scheduler"])
+        for k in ("epoch", "step_in_epoch", "global_step", "iteration", "best_val"):
+            setattr(self, k, st[k])
+        torch.set_rng_state(st["rng"]["torch"])
+        np.random.set_state(st["rng"]["numpy"])
+        random.setstate(st["rng"]["python"])
+        if st["rng"]["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(st["rng"]["cuda"])
+        return True
+
+    # -------------------------------------------------------------------- evaluation
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Validation ELBO (stochastic posterior, no warm-up, all future frames weighted 1) and
+        deterministic reconstruction PSNR, as the official trainer."""
+        if self.val_set is None:
+            return {}
+        model = self.acc.unwrap_model(self.objective).model
+        model.eval()
+        loader = DataLoader(self.val_set, batch_size=self.config.batch_size, shuffle=False, num_workers=0)
+        totals: dict[str, float] = {}
+        n = 0
+        for i, batch in enumerate(loader):
+            if i >= self.opt.eval_batches:
+                break
+            x = self._clip(_frames(batch)).to(self.acc.device)
+            logs, _ = self.acc.unwrap_model(self.objective)(x, False, False, None)
+            for k, v in logs.items():
+                totals[k] = totals.get(k, 0.0) + float(v)
+            n += 1
+        model.train()
+        return {f"val_{k}": v / max(n, 1) for k, v in totals.items()}
+
+    def _clip(self, x: Tensor) -> Tensor:
+        """Validation episodes are longer than training clips: take the first T + 1 frames."""
+        if self.config.is_video and x.ndim == 5:
+            return x[:, : self.config.timestep_horizon + 1]
+        return x
+
+    def write_figures(self, batch) -> None:
+        if not (self.opt.figures and self.acc.is_main_process):
+            return
+        try:
+            from . import viz
+            model = self.acc.unwrap_model(self.objective).model.eval()
+            x = self._clip(_frames(batch))[:2].to(self.acc.device)
+            with torch.no_grad():
+                out = model(x, deterministic=True)
+                fig = viz.nine_row_figure(x, out, topk=self.config.topk)
+                folder = self.run_dir / "figures"
+                folder.mkdir(exist_ok=True)
+                fig.save(folder / f"epoch-{self.epoch:03d}.png")
+                if self.config.is_video:
+                    frames = _frames(batch)[:1].to(self.acc.device)
+                    cond = min(self.config.cond_steps, frames.shape[1] - 1, self.config.timestep_horizon)
+                    steps = max(frames.shape[1] - cond, 1)
+                    pred, particles = model.rollout(frames, steps, cond)
+                    imgs = viz.rollout_frames(frames[0], pred[0], particles[0], cond_steps=cond)
+                    viz.save_video(imgs, folder / f"rollout-epoch-{self.epoch:03d}.gif")
+        except Exception as e:  # noqa: BLE001 - a figure must never stop a training run
+            print(f"warning: could not write figures: {e}")
+        finally:
+            self.acc.unwrap_model(self.objective).model.train()
+
+    # -------------------------------------------------------------------- the loop
+    def train(self) -> dict:
+        c, acc = self.config, self.acc
+        if acc.is_main_process:
+            c.save(self.run_dir / "config.json")
+        start = time.time()
+        num_epochs = c.num_epochs
+        bar = None
+        if self.opt.progress and acc.is_main_process:
+            from tqdm.auto import tqdm
+            total = self.opt.max_steps or num_epochs * self.steps_per_epoch
+            bar = tqdm(total=total, initial=self.global_step, desc="train", dynamic_ncols=True)
+        last: dict = {}
+        stop = False
+        while self.epoch < num_epochs and not stop:
+            warmup = self.epoch < c.warmup_epoch
+            noisy = self.epoch < c.warmup_epoch + 1
+            self.sampler.epoch, self.sampler.skip_batches = self.epoch, self.step_in_epoch * self.opt.grad_accum
+            self.objective.train()
+            first_batch = None
+            for batch in self.loader:
+                x = _frames(batch).to(acc.device, non_blocking=True)
+                first_batch = first_batch if first_batch is not None else batch
+                disc = future_weights(self.iteration, c, self.steps_per_epoch, acc.device) if c.is_video else None
+                with acc.accumulate(self.objective), acc.autocast():
+                    logs, out = self.forward(x, warmup, noisy, disc)
+                    loss = logs["loss"]
+                    if not torch.isfinite(loss):
+                        raise TrainingError(
+                            f"loss became {float(loss.detach())} at step {self.global_step} (epoch {self.epoch}); "
+                            f"the last good checkpoint is in {self.run_dir / 'checkpoints'}")
+                    acc.backward(loss)
+                    self.optimizer.step()
+                    self.optimizer.zero_grad(set_to_none=True)
+                if not acc.sync_gradients:
+                    continue
+                self.iteration += 1
+                self.global_step += 1
+                self.step_in_epoch += 1
+                last = {k: float(v.detach()) for k, v in logs.items()}
+                self.losses.append(last["loss"])
+                if bar is not None:
+                    st = particle_stats(out)
+                    bar.set_postfix(epoch=self.epoch, loss=f"{last['loss']:.4g}", kl=f"{last['kl']:.3g}",
+                                    dyn=f"{last.get('kl_dyn', 0):.3g}", psnr=f"{last['psnr']:.2f}",
+                                    on=f"{st['on']:.2f}", s=f"{st['scale']:.2f}", refresh=False)
+                    bar.update(1)
+                if self.global_step % 50 == 0:
+                    self.log(dict(step=self.global_step, epoch=self.epoch, lr=self.scheduler.get_last_lr()[0],
+                                  **{f"train_{k}": v for k, v in last.items()}, **particle_stats(out)))
+                out_of_time = self.opt.max_minutes is not None and time.time() - start > 60 * self.opt.max_minutes
+                out_of_steps = self.opt.max_steps is not None and self.global_step >= self.opt.max_steps
+                if self.step_in_epoch >= self.steps_per_epoch or out_of_time or out_of_steps:
+                    stop = out_of_time or out_of_steps
+                    break
+                if self.global_step % self.opt.checkpoint_every == 0:
+                    self.save_checkpoint()
+            if self.step_in_epoch >= self.steps_per_epoch:
+                self._end_epoch(first_batch)
+            if stop:
+                break
+        self.save_checkpoint()
+        if bar is not None:
+            bar.close()
+        if self.writer is not None:
+            self.writer.close()
+        return last
+
+    def _end_epoch(self, batch) -> None:
+        metrics = self.evaluate()
+        record = dict(step=self.global_step, epoch=self.epoch, **metrics)
+        if metrics and metrics["val_loss"] < self.best_val and self.acc.is_main_process:
+            self.best_val = metrics["val_loss"]
+            save_pretrained(self.acc.unwrap_model(self.objective).model, self.run_dir / "best")
+            record["best"] = True
+        self.log(record)
+        if batch is not None and (self.epoch + 1) % self.config.eval_epoch_freq == 0:
+            self.write_figures(batch)
+        self.scheduler.step()
+        self.epoch += 1
+        self.step_in_epoch = 0
+        self.save_checkpoint()
+
+
+def latest_checkpoint(run_dir: str | Path) -> Optional[Path]:
+    folder = Path(run_dir) / "checkpoints"
+    pointer = folder / "latest"
+    if pointer.is_file():
+        ckpt = folder / pointer.read_text().strip()
+        if (ckpt / "state.pt").is_file() and (ckpt / "model.safetensors").is_file():
+            return ckpt
+    complete = [d for d in sorted(folder.glob("step-*[0-9]")) if (d / "state.pt").is_file()]
+    return complete[-1] if complete else None

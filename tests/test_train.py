@@ -1,0 +1,151 @@
+"""Training: exact resume, crash-safe checkpoints, clear failures, multi-process."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.data import Dataset
+
+from ddlp import Config
+from ddlp.data.synthetic import moving_discs
+from ddlp.train import Trainer, TrainOptions, TrainingError, future_weights, latest_checkpoint
+
+
+class Clips(Dataset):
+    """Deterministic synthetic clips (index -> clip), like a windowed video dataset."""
+
+    def __init__(self, n=12, frames=5, seed=0):
+        self.data = moving_discs(frames=frames, size=64, batch=n, seed=seed)
+
+    def __len__(self):
+        return len(self.data)
+
+    def __getitem__(self, i):
+        return {"frames": self.data[i]}
+
+
+def tiny_config(**kw):
+    base = dict(model="ddlp", image_size=64, enc_channels=[8, 16, 16], prior_channels=[8, 8, 16],
+                patch_size=8, n_kp_enc=3, n_kp_prior=6, learned_feature_dim=2, pint_dim=16,
+                pint_heads=2, pint_layers=1, timestep_horizon=4, batch_size=2, epoch_steps=3,
+                warmup_epoch=1, dyn_ramp_min_iters=4, num_epochs=10, seed=3)
+    base.update(kw)
+    return Config(**base).validate()
+
+
+def options(tmp_path, **kw):
+    base = dict(run_dir=str(tmp_path / "run"), num_workers=0, progress=False, tensorboard=False,
+                figures=False, checkpoint_every=2, eval_batches=1)
+    base.update(kw)
+    return TrainOptions(**base)
+
+
+def test_resumed_run_equals_uninterrupted_run(tmp_path):
+    data, val = Clips(), Clips(n=2, seed=9)
+    full = Trainer(tiny_config(), data, val, options(tmp_path / "a", max_steps=8))
+    full.train()
+    first = Trainer(tiny_config(), data, val, options(tmp_path / "b", max_steps=4))
+    first.train()
+    second = Trainer(tiny_config(), data, val, options(tmp_path / "b", max_steps=8))
+    assert second.resume() and second.global_step == 4 and second.epoch == 1
+    second.train()
+    # 8 steps cross the warm-up, noisy and normal epochs (3 steps each) and a mid-epoch restart
+    assert len(full.losses) == 8 and first.losses + second.losses == full.losses
+    a = full.model.state_dict()
+    b = second.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    records = [json.loads(line) for line in (tmp_path / "a" / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert any("val_loss" in r for r in records) and (tmp_path / "a" / "run" / "best" / "model.safetensors").is_file()
+
+
+def test_checkpoint_survives_a_crash_while_writing(tmp_path, monkeypatch):
+    trainer = Trainer(tiny_config(), Clips(), None, options(tmp_path, max_steps=2))
+    trainer.train()
+    good = latest_checkpoint(tmp_path / "run")
+    assert good is not None and good.name == "step-00000002"
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt("killed while writing")
+
+    trainer.global_step = 3
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.save_checkpoint()
+    monkeypatch.undo()
+    assert latest_checkpoint(tmp_path / "run") == good       # the previous checkpoint is intact
+    resumed = Trainer(tiny_config(), Clips(), None, options(tmp_path))
+    assert resumed.resume() and resumed.global_step == 2
+
+
+def test_nan_loss_stops_with_the_step_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+    trainer = Trainer(tiny_config(), Clips(), None, options(tmp_path, max_steps=6))
+    real = trainer.forward
+
+    def poisoned(x, *args):
+        logs, out = real(x, *args)
+        if trainer.global_step == 4:
+            logs["loss"] = logs["loss"] * float("nan")
+        return logs, out
+
+    trainer.forward = poisoned
+    with pytest.raises(TrainingError, match="at step 4"):
+        trainer.train()
+    assert latest_checkpoint(tmp_path / "run").name == "step-00000004"
+
+
+def test_unwritable_run_dir(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(TrainingError, match="cannot write to the run directory"):
+        Trainer(tiny_config(), Clips(), None, options(tmp_path, run_dir=str(tmp_path / "file" / "run")))
+
+
+def test_future_frame_weights_ramp():
+    c = tiny_config(warmup_epoch=1, dyn_ramp_min_iters=40, timestep_horizon=4)
+    assert torch.equal(future_weights(0, c, 10), torch.zeros(4))
+    # W = 40, step = 10: frame j reaches 1 after 10 (j + 1) iterations
+    assert torch.allclose(future_weights(10, c, 10), torch.tensor([1.0, 0.5, 1 / 3, 0.25]))
+    assert torch.equal(future_weights(1000, c, 10), torch.ones(4))
+
+
+def test_dlp_trains_on_frames(tmp_path):
+    cfg = tiny_config(model="dlp")
+    frames = Clips(n=6, frames=1)
+    trainer = Trainer(cfg, frames, None, options(tmp_path, max_steps=2))
+    trainer.train()
+    assert len(trainer.losses) == 2 and all(torch.isfinite(torch.tensor(trainer.losses)))
+
+
+SCRIPT = r"""
+import sys, torch
+sys.path.insert(0, sys.argv[2])
+from test_train import Clips, tiny_config, options
+from ddlp.train import Trainer, TrainOptions
+from pathlib import Path
+out = Path(sys.argv[1])
+opts = TrainOptions(run_dir=str(out / "run"), num_workers=0, progress=False, tensorboard=False,
+                    figures=False, max_steps=2, checkpoint_every=100)
+t = Trainer(tiny_config(), Clips(), None, opts)
+t.train()
+rank = t.acc.process_index
+sd = t.acc.unwrap_model(t.objective).model.state_dict()
+torch.save({k: v.clone() for k, v in sd.items()}, out / f"rank{rank}.pt")
+print("world", t.acc.num_processes, "rank", rank, "steps", t.global_step)
+"""
+
+
+def test_two_process_training_keeps_ranks_identical(tmp_path):
+    script = tmp_path / "train2.py"
+    script.write_text(SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                        "--master_port", "29517", str(script), str(tmp_path), str(Path(__file__).parent)],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "world 2 rank 0 steps 2" in r.stdout and "world 2 rank 1 steps 2" in r.stdout
+    a, b = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    init = Trainer(tiny_config(), Clips(), None, options(tmp_path / "init")).model.state_dict()
+    assert any(not torch.equal(a[k], init[k]) for k in a)    # and they did train
