@@ -149,3 +149,12 @@ def test_two_process_training_keeps_ranks_identical(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
     init = Trainer(tiny_config(), Clips(), None, options(tmp_path / "init")).model.state_dict()
     assert any(not torch.equal(a[k], init[k]) for k in a)    # and they did train
+
+
+def test_data_that_does_not_fit_the_config(tmp_path):
+    with pytest.raises(TrainingError, match=r"frames of shape \(3, 64, 64\).*expects \(3, 128, 128\)"):
+        Trainer(tiny_config(image_size=128, patch_size=16), Clips(), None, options(tmp_path))
+    with pytest.raises(TrainingError, match="clips of timestep_horizon \\+ 1 = 5"):
+        Trainer(tiny_config(), Clips(frames=3), None, options(tmp_path))
+    with pytest.raises(TrainingError, match="empty"):
+        Trainer(tiny_config(), Clips(n=0), None, options(tmp_path))

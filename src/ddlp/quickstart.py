@@ -57,7 +57,8 @@ def evaluate_rollouts(model: DDLP, episodes, cond: int, horizon: int) -> dict:
 
 def run(out_dir: str = "runs/quickstart", data_dir: str = "data/balls", minutes: float = 12.0,
         train_episodes: int = 300, eval_episodes: int = 16, horizon: int = 24, seed: int = 0,
-        workers: int = 1) -> dict:
+        workers: int = 1, max_steps: int | None = None, progress: bool = True, **overrides) -> dict:
+    """Everything the README's main command does. `overrides` change the balls_small config."""
     from .data.balls import BallsDataset
     from .train import TrainOptions, Trainer
     from . import viz
@@ -65,14 +66,15 @@ def run(out_dir: str = "runs/quickstart", data_dir: str = "data/balls", minutes:
     t0 = time.time()
     out = Path(out_dir)
     root = ensure_balls(Path(data_dir), train_episodes, eval_episodes, eval_episodes)
-    config = Config.from_json(Path(__file__).parent / "configs" / "balls_small.json", seed=seed, root=str(root))
+    config = Config.from_json(Path(__file__).parent / "configs" / "balls_small.json", seed=seed,
+                              root=str(root), **overrides)
     train_set = BallsDataset(root, "train", clip_len=config.timestep_horizon + 1)
     val_set = BallsDataset(root, "val")
     torch.set_num_threads(max(torch.get_num_threads(), 1))
     print(f"training {config.n_kp_enc}-particle DDLP for up to {minutes:g} min "
           f"({len(train_set)} training clips of {config.timestep_horizon + 1} frames)")
-    trainer = Trainer(config, train_set, val_set, TrainOptions(run_dir=str(out), max_minutes=minutes,
-                                                               num_workers=workers))
+    trainer = Trainer(config, train_set, val_set, TrainOptions(
+        run_dir=str(out), max_minutes=minutes, max_steps=max_steps, num_workers=workers, progress=progress))
     trainer.train()
     train_time = time.time() - t0
     model = ParticleModel.from_pretrained(out / "best") if (out / "best").is_dir() else trainer.model

@@ -154,6 +154,9 @@ class Trainer:
         self.forward = torch.compile(self.objective) if self.opt.compile else self.objective
 
         self.train_set, self.val_set = train_set, val_set
+        check_data(train_set, config, "training")
+        if val_set is not None:
+            check_data(val_set, config, "validation")
         self.sampler = EpochSampler(len(train_set), config.batch_size, config.seed,
                                     self.acc.process_index, self.acc.num_processes)
         if self.sampler.batches_per_epoch() == 0:
@@ -288,6 +291,8 @@ class Trainer:
                 folder = self.run_dir / "figures"
                 folder.mkdir(exist_ok=True)
                 fig.save(folder / f"epoch-{self.epoch:03d}.png")
+                if self.writer is not None:
+                    self.writer.add_image("figure", np.asarray(fig), self.epoch, dataformats="HWC")
                 if self.config.is_video:
                     frames = _frames(batch)[:1].to(self.acc.device)
                     cond = min(self.config.cond_steps, frames.shape[1] - 1, self.config.timestep_horizon)
@@ -382,6 +387,20 @@ class Trainer:
         self.epoch += 1
         self.step_in_epoch = 0
         self.save_checkpoint()
+
+
+def check_data(dataset: Dataset, config: Config, what: str) -> None:
+    """Fail before training, with the reason, when the data cannot feed this model."""
+    if len(dataset) == 0:
+        raise TrainingError(f"the {what} set is empty")
+    x = _frames(dataset[0])
+    size = config.image_size
+    if x.shape[-3:] != (3, size, size):
+        raise TrainingError(f"the {what} data have frames of shape {tuple(x.shape[-3:])}, but the "
+                            f"config expects (3, {size}, {size}): set image_size or resize the data")
+    if config.is_video and what == "training" and (x.ndim != 4 or x.shape[0] != config.timestep_horizon + 1):
+        raise TrainingError(f"DDLP trains on clips of timestep_horizon + 1 = {config.timestep_horizon + 1} "
+                            f"frames; the {what} set yields items of shape {tuple(x.shape)}")
 
 
 def latest_checkpoint(run_dir: str | Path) -> Optional[Path]:

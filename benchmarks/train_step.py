@@ -1,0 +1,107 @@
+"""Training throughput, peak memory and rollout time of the paper's presets.
+
+    python benchmarks/train_step.py [--presets balls obj3d128] [--steps 5] [--json out.json]
+
+Each preset runs in its own process (so peak memory is its own): synthetic clips of moving
+discs, the post-warm-up training regime (full reconstruction, dynamics on, all future frames
+weighted), MSE reconstruction loss, Adam. Prints a table and writes a JSON.
+CPU: peak RSS of the process; GPU: max allocated memory.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+SETTINGS = {  # preset: (batch, frames per clip) as stated in docs/performance.md
+    "balls": (8, 11),
+    "obj3d128": (2, 11),
+    "balls_small": (8, 7),
+}
+
+
+def run_one(preset: str, steps: int, device: str) -> dict:
+    import torch
+    from ddlp import Config, build_model
+    from ddlp.data.synthetic import moving_discs
+    from ddlp.losses import elbo
+
+    batch, frames = SETTINGS[preset]
+    cfg = Config.preset(preset, recon_loss_type="mse", timestep_horizon=frames - 1)
+    model = build_model(cfg).to(device).train()
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, eps=cfg.adam_eps)
+    x = moving_discs(frames=frames, size=cfg.image_size, batch=batch, seed=0).to(device)
+    ones = torch.ones(cfg.timestep_horizon, device=device)
+
+    def sync():
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+
+    times = []
+    for i in range(steps + 1):                  # the first step warms up kernels/allocators
+        sync()
+        t = time.perf_counter()
+        loss = elbo(model(x), x, cfg, discount=ones)["loss"]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sync()
+        if i:
+            times.append(time.perf_counter() - t)
+    with torch.no_grad():
+        model.eval()
+        enc_t = time.perf_counter()
+        model(x, deterministic=True)
+        sync()
+        enc_t = time.perf_counter() - enc_t
+        clip = moving_discs(frames=10, size=cfg.image_size, batch=1, seed=1).to(device)
+        model.rollout(clip, steps=5, cond_steps=10)            # warm-up
+        sync()
+        t = time.perf_counter()
+        model.rollout(clip, steps=90, cond_steps=10)
+        sync()
+        rollout_t = time.perf_counter() - t
+    step = statistics.median(times)
+    peak = (torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda")
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
+    return dict(preset=preset, batch=batch, frames=frames, device=device, threads=torch.get_num_threads(),
+                train_step_s=step, clips_per_s=batch / step, peak_memory_gb=peak,
+                forward_s=enc_t, rollout_100_frames_s=rollout_t, torch=torch.__version__)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--presets", nargs="+", default=["balls", "obj3d128"], choices=sorted(SETTINGS))
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--json", default="benchmarks/train_step.json")
+    ap.add_argument("--one", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.one:
+        print(json.dumps(run_one(args.one, args.steps, args.device)))
+        return
+    rows = []
+    for preset in args.presets:
+        r = subprocess.run([sys.executable, __file__, "--one", preset, "--steps", str(args.steps),
+                            "--device", args.device], capture_output=True, text=True)
+        if r.returncode:
+            sys.exit(r.stderr)
+        rows.append(json.loads(r.stdout.strip().splitlines()[-1]))
+    print(f"{'preset':<12} {'batch x T':>9} {'step (s)':>9} {'clips/s':>8} {'peak (GB)':>9} "
+          f"{'fwd (s)':>8} {'rollout100 (s)':>14}")
+    for r in rows:
+        print(f"{r['preset']:<12} {r['batch']:>4} x {r['frames']:<3} {r['train_step_s']:>9.2f} "
+              f"{r['clips_per_s']:>8.2f} {r['peak_memory_gb']:>9.2f} {r['forward_s']:>8.2f} "
+              f"{r['rollout_100_frames_s']:>14.2f}")
+    with open(args.json, "w") as f:
+        json.dump(dict(machine=platform.platform(), processor=platform.processor(), results=rows), f, indent=2)
+    print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
