@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from ddlp import DDLP, DLP, Config, ConfigError, Particles, build_model
+from ddlp import DDLP, DLP, Config, ConfigError, Particles
 from ddlp.data.synthetic import moving_discs
 from ddlp.losses import elbo
 from ddlp.model import ParticleModel

@@ -163,7 +163,7 @@ class Config:
         need(list(self.kp_range) == [-1, 1], "only kp_range [-1, 1] is supported")
         need(not self.enable_enc_attn, "enable_enc_attn (unused by every published config) is not implemented")
         need(not self.use_resblock, "use_resblock (unused by every published config) is not implemented")
-        need(self.recon_loss_type in ("mse", "vgg"), f"recon_loss_type must be 'mse' or 'vgg'")
+        need(self.recon_loss_type in ("mse", "vgg"), "recon_loss_type must be 'mse' or 'vgg'")
         need(self.pint_dim % self.pint_heads == 0,
              f"pint_dim ({self.pint_dim}) must be divisible by pint_heads ({self.pint_heads})")
         need(self.timestep_horizon >= 1, "timestep_horizon must be >= 1")

@@ -70,7 +70,6 @@ def run(out_dir: str = "runs/quickstart", data_dir: str = "data/balls", minutes:
                               root=str(root), **overrides)
     train_set = BallsDataset(root, "train", clip_len=config.timestep_horizon + 1)
     val_set = BallsDataset(root, "val")
-    torch.set_num_threads(max(torch.get_num_threads(), 1))
     print(f"training {config.n_kp_enc}-particle DDLP for up to {minutes:g} min "
           f"({len(train_set)} training clips of {config.timestep_horizon + 1} frames)")
     trainer = Trainer(config, train_set, val_set, TrainOptions(

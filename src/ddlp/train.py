@@ -22,7 +22,7 @@ import os
 import random
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -57,7 +57,6 @@ class TrainOptions:
     progress: bool = True
     vgg_weights: Optional[str] = None
     figures: bool = True
-    extra: dict = field(default_factory=dict)
 
 
 # ------------------------------------------------------------------------------ data order
