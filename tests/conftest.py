@@ -16,6 +16,9 @@ def shared_dir() -> Path | None:
 
 
 SHARED = shared_dir()
+if SHARED is None and os.environ.get("CI"):
+    # In CI the reference material is always beside the clone: never let parity silently skip.
+    raise RuntimeError("CI run without the reference fixtures (../shared/fixtures); set DDLP_SHARED")
 needs_shared = pytest.mark.skipif(SHARED is None, reason="reference fixtures (../shared/fixtures) not found; "
                                   "set DDLP_SHARED to the folder holding fixtures/")
 
