@@ -217,7 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "evaluate and write a prediction GIF")
     p.add_argument("--out", default="runs/quickstart")
     p.add_argument("--data", default="data/balls", help="where the generated data go")
-    p.add_argument("--minutes", type=float, default=12.0, help="training time budget (default 12)")
+    p.add_argument("--minutes", type=float, default=14.5, help="training time budget in minutes (default 14.5)")
     p.add_argument("--episodes", type=int, default=300, help="training episodes to generate")
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)

@@ -55,7 +55,7 @@ def evaluate_rollouts(model: DDLP, episodes, cond: int, horizon: int) -> dict:
                 position_error_px_per_step=err.tolist(), episodes=len(episodes))
 
 
-def run(out_dir: str = "runs/quickstart", data_dir: str = "data/balls", minutes: float = 12.0,
+def run(out_dir: str = "runs/quickstart", data_dir: str = "data/balls", minutes: float = 14.5,
         train_episodes: int = 300, eval_episodes: int = 16, horizon: int = 24, seed: int = 0,
         workers: int = 1, max_steps: int | None = None, progress: bool = True, **overrides) -> dict:
     """Everything the README's main command does. `overrides` change the balls_small config."""
