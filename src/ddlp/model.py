@@ -71,9 +71,9 @@ class ParticleModel(nn.Module):
         if not x.is_floating_point():
             raise ValueError(f"expected float images in [0, 1], got dtype {x.dtype}")
 
-    def propose(self, x: Tensor, train_prior: bool = True) -> Tensor:
+    def propose(self, x: Tensor, train_prior: bool = True, heuristic: Optional[str] = None) -> Tensor:
         """Anchor initialisation [B, L, 2] (graph kept when train_prior)."""
-        kp, _, _ = self.prior(x)
+        kp, _, _ = self.prior(x, heuristic)
         if not train_prior:
             kp = 0 * kp + kp.detach()
         return kp
@@ -97,18 +97,34 @@ class ParticleModel(nn.Module):
         return Foreground(*(t.view(*lead, *t.shape[1:]) for t in
                             (fg.image, fg.bg_mask, fg.alpha_masks, fg.glimpses)))
 
-    def encode_background(self, x: Tensor, p: Particles, deterministic: bool):
-        """Background posterior of images [N, 3, H, W] given their particles [N, K, ...]."""
-        mask = self.background.encoder_mask(p.position, p.transparency)
-        mu, logvar = self.background.encode(x, mask)
-        return mu, logvar, reparameterize(mu, logvar, deterministic), mask
+    def attach_background(self, x: Tensor, p: Particles, deterministic: bool) -> tuple[Particles, Tensor]:
+        """Background posterior of images x [..., 3, H, W] whose particles are p [..., K, ...]:
+        p with its background fields filled, and the encoder mask [..., 1, H, W]."""
+        lead = p.batch_shape
+        n = len(lead)
+        mask = self.background.encoder_mask(_flat(p.position, n), _flat(p.transparency, n))
+        mu, logvar = self.background.encode(_flat(x, n), mask)
+        z = reparameterize(mu, logvar, deterministic)
+        view = lambda t: t.view(*lead, *t.shape[1:])  # noqa: E731
+        return p.replace(bg_features=view(z), bg_mu=view(mu), bg_logvar=view(logvar)), view(mask)
+
+    def decode_background(self, features: Tensor) -> Tensor:
+        """Background features [..., F] -> images [..., 3, H, W]."""
+        bg = self.background.decode(features.reshape(-1, features.shape[-1]))
+        return bg.view(*features.shape[:-1], *bg.shape[1:])
+
+    def reconstruct(self, x: Tensor, p: Particles, proposals: Tensor, glimpses: Tensor, *,
+                    deterministic: bool, noisy: bool) -> Output:
+        """Decode posterior particles (foreground, then the background they leave visible)."""
+        fg = self.decode_foreground(p, noisy)
+        posterior, mask = self.attach_background(x, p, deterministic)
+        bg = self.decode_background(posterior.bg_features)
+        return Output(fg.bg_mask * bg + fg.image, posterior, proposals, fg, bg, glimpses, mask)
 
     def decode(self, p: Particles) -> Tensor:
         """Frames from particles (background features required): [..., 3, H, W]."""
         fg = self.decode_foreground(p)
-        n = len(p.batch_shape)
-        bg = self.background.decode(_flat(p.bg_features, n)).view(*p.batch_shape, 3, *fg.image.shape[-2:])
-        return fg.bg_mask * bg + fg.image
+        return fg.bg_mask * self.decode_background(p.bg_features) + fg.image
 
     # ------------------------------------------------------------------ persistence
     def save_pretrained(self, directory: str | Path) -> None:
@@ -119,7 +135,6 @@ class ParticleModel(nn.Module):
     def from_pretrained(cls, directory: str | Path, map_location: str = "cpu") -> "ParticleModel":
         from .checkpoint import load_pretrained
         return load_pretrained(directory, map_location)
-
 
     def track(self, x: Tensor, *, deterministic: bool = False, warmup: bool = False,
               noisy: bool = False, train_prior: bool = True,
@@ -135,10 +150,7 @@ class ParticleModel(nn.Module):
         B, T = x.shape[:2]
         ns = min(proposal_frames or self.config.num_static_frames, T)
         heuristic = "random" if (warmup or noisy) and proposal_frames else None
-        kp, _, _ = self.prior(_flat(x[:, :ns], 2), heuristic)
-        if not train_prior:
-            kp = 0 * kp + kp.detach()
-        kp = kp.view(B, ns, -1, 2)
+        kp = self.propose(_flat(x[:, :ns], 2), train_prior, heuristic).view(B, ns, -1, 2)
         flags = dict(deterministic=deterministic, warmup=warmup, noisy=noisy)
         frames = [self._encode(x[:, 0], kp[:, 0], **flags)]
         for t in range(1, T):
@@ -165,28 +177,16 @@ class DLP(ParticleModel):
         kp = self.propose(x, train_prior)
         anchors = kp if self.mixer is None else self.mixer(x, kp)
         enc = self._encode(x, anchors, deterministic=deterministic, warmup=warmup, noisy=noisy)
-        p = enc.particles
-        fg = self.decode_foreground(p, noisy)
-        bg_mu, bg_logvar, bg_z, bg_mask = self.encode_background(x, p, deterministic)
-        bg = self.background.decode(bg_z)
-        posterior = p.replace(bg_features=bg_z, bg_mu=bg_mu, bg_logvar=bg_logvar)
-        return Output(fg.bg_mask * bg + fg.image, posterior, kp.detach(), fg, bg, enc.glimpses, bg_mask)
-
+        return self.reconstruct(x, enc.particles, kp.detach(), enc.glimpses,
+                                deterministic=deterministic, noisy=noisy)
 
     def _forward_tracked(self, x, deterministic, warmup, noisy, train_prior) -> Output:
         """use_tracking: particles tracked over a clip, proposals (and the Chamfer-KL) on every
         frame; the loss still treats frames as independent images."""
         self.check_input(x, video=True)
-        B, T = x.shape[:2]
         p, kp, glimpses = self.track(x, deterministic=deterministic, warmup=warmup, noisy=noisy,
-                                     train_prior=train_prior, proposal_frames=T)
-        fg = self.decode_foreground(p, noisy)
-        bg_mu, bg_logvar, bg_z, bg_mask = self.encode_background(_flat(x, 2), p.map(lambda t: _flat(t, 2)),
-                                                                 deterministic)
-        bg = self.background.decode(bg_z).view(x.shape)
-        view = lambda t: t.view(B, T, *t.shape[1:])  # noqa: E731
-        posterior = p.replace(bg_features=view(bg_z), bg_mu=view(bg_mu), bg_logvar=view(bg_logvar))
-        return Output(fg.bg_mask * bg + fg.image, posterior, kp, fg, bg, glimpses, view(bg_mask))
+                                     train_prior=train_prior, proposal_frames=x.shape[1])
+        return self.reconstruct(x, p, kp, glimpses, deterministic=deterministic, noisy=noisy)
 
 
 class DDLP(ParticleModel):
@@ -204,26 +204,17 @@ class DDLP(ParticleModel):
         """Posterior particles of a clip [B, T, 3, H, W], background included."""
         self.check_input(frames, video=True)
         p, _, _ = self.track(frames, deterministic=deterministic)
-        B, T = frames.shape[:2]
-        mu, logvar, z, _ = self.encode_background(_flat(frames, 2), p.map(lambda t: _flat(t, 2)), deterministic)
-        view = lambda t: t.view(B, T, -1)  # noqa: E731
-        return p.replace(bg_features=view(z), bg_mu=view(mu), bg_logvar=view(logvar))
+        return self.attach_background(frames, p, deterministic)[0]
 
     def forward(self, x: Tensor, deterministic: bool = False, warmup: bool = False,
                 noisy: bool = False, train_prior: bool = True, dynamics: bool = True) -> Output:
         self.check_input(x, video=True)
-        B, T = x.shape[:2]
         p, kp, glimpses = self.track(x, deterministic=deterministic, warmup=warmup, noisy=noisy,
                                      train_prior=train_prior)
-        fg = self.decode_foreground(p, noisy)
-        flat_x, flat_p = _flat(x, 2), p.map(lambda t: _flat(t, 2))
-        bg_mu, bg_logvar, bg_z, bg_mask = self.encode_background(flat_x, flat_p, deterministic)
-        bg = self.background.decode(bg_z).view(B, T, *x.shape[2:])
-        view = lambda t: t.view(B, T, *t.shape[1:])  # noqa: E731
-        posterior = p.replace(bg_features=view(bg_z), bg_mu=view(bg_mu), bg_logvar=view(bg_logvar))
-        prior = self.pint(posterior[:, :-1]) if dynamics else None
-        return Output(fg.bg_mask * bg + fg.image, posterior, kp, fg, bg, glimpses,
-                      view(bg_mask), prior)
+        out = self.reconstruct(x, p, kp, glimpses, deterministic=deterministic, noisy=noisy)
+        if dynamics:   # teacher-forced: PINT sees the posterior of frames 0..T-1
+            out.prior = self.pint(out.posterior[:, :-1])
+        return out
 
     @torch.no_grad()
     def rollout(self, frames: Tensor, steps: int, cond_steps: Optional[int] = None,
