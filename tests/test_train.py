@@ -158,3 +158,25 @@ def test_data_that_does_not_fit_the_config(tmp_path):
         Trainer(tiny_config(), Clips(frames=3), None, options(tmp_path))
     with pytest.raises(TrainingError, match="empty"):
         Trainer(tiny_config(), Clips(n=0), None, options(tmp_path))
+
+
+def test_cli_trains_on_generated_balls_and_resumes(tmp_path, capsys):
+    from ddlp.cli import main
+    from ddlp.data.balls import write_balls
+    write_balls(tmp_path / "balls", episodes={"train": 1, "val": 1, "test": 1}, seqlen=12, progress=False)
+    args = ["train", "--preset", "balls_small", "--data.root", str(tmp_path / "balls"),
+            "--run-dir", str(tmp_path / "run"), "--max-steps", "2", "--workers", "0", "--no-progress",
+            "--no-figures", "--set", "pint_dim=16", "--set", "pint_heads=2", "--set", "enc_channels=[8,16,16]",
+            "--set", "prior_channels=[8,8,16]", "--batch-size", "2", "--epoch-steps", "2"]
+    assert main(args) == 0
+    assert latest_checkpoint(tmp_path / "run").name == "step-00000002"
+    assert main(["train", "--resume", str(tmp_path / "run"), "--max-steps", "3", "--workers", "0",
+                 "--no-progress", "--no-figures"]) == 0
+    out = capsys.readouterr().out
+    assert "resumed" in out and "at step 2" in out and "done: 3 steps" in out
+    dlp = ["train", "--preset", "shapes", "--dataset", "balls", "--data.root", str(tmp_path / "balls"), "--run-dir",
+           str(tmp_path / "dlp"), "--max-steps", "1", "--workers", "0", "--no-progress", "--no-figures",
+           "--batch-size", "2", "--set", "enc_channels=[8,8,16,16]", "--set", "prior_channels=[8,8,16]"]
+    assert main(dlp) == 0
+    assert main(["train", "--resume", str(tmp_path / "nothing")]) == 2
+    assert "not a training run" in capsys.readouterr().err

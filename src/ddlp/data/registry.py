@@ -27,8 +27,8 @@ def available() -> list[str]:
 def build_dataset(config: Config, split: str, root: Optional[str | Path] = None,
                   name: Optional[str] = None) -> Dataset:
     """The `split` ('train', 'val', 'test') of dataset `name` (default: config.ds) under `root`
-    (default: config.root). Training splits yield clips of timestep_horizon + 1 frames for DDLP
-    and single frames for DLP; evaluation splits yield whole episodes."""
+    (default: config.root). For DDLP the training split yields clips of timestep_horizon + 1
+    frames and evaluation splits whole episodes; for DLP every split yields single frames."""
     name = name or config.ds
     if name not in _REGISTRY:
         raise ValueError(f"unknown dataset {name!r}; available: {', '.join(available())}")
@@ -41,8 +41,8 @@ def build_dataset(config: Config, split: str, root: Optional[str | Path] = None,
 @register("balls")
 def _balls(config: Config, root: Path, split: str) -> Dataset:
     from .balls import BallsDataset
-    if split == "train":
-        if config.is_video:
-            return BallsDataset(root, split, clip_len=config.timestep_horizon + 1)
+    if not config.is_video:
         return BallsDataset(root, split, image=True)
+    if split == "train":
+        return BallsDataset(root, split, clip_len=config.timestep_horizon + 1)
     return BallsDataset(root, split)
