@@ -314,7 +314,8 @@ class Trainer:
         bar = None
         if self.opt.progress and acc.is_main_process:
             from tqdm.auto import tqdm
-            total = self.opt.max_steps or num_epochs * self.steps_per_epoch
+            # With only a time budget the number of steps is unknown: show the rate, not an ETA.
+            total = self.opt.max_steps or (None if self.opt.max_minutes else num_epochs * self.steps_per_epoch)
             bar = tqdm(total=total, initial=self.global_step, desc="train", dynamic_ncols=True)
         last: dict = {}
         stop = False
