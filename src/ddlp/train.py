@@ -144,12 +144,12 @@ class Trainer:
         set_seed(config.seed)
         self._check_writable()
         self.model = model or build_model(config)
-        self.objective = Objective(self.model, self.opt.vgg_weights)
+        self.loss_fn = Objective(self.model, self.opt.vgg_weights)   # unwrapped; prepare() may wrap it
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.Adam(params, lr=config.lr, betas=tuple(config.adam_betas),
                                           eps=config.adam_eps, weight_decay=config.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, 1, config.scheduler_gamma)
-        self.objective, self.optimizer = self.acc.prepare(self.objective, self.optimizer)
+        self.objective, self.optimizer = self.acc.prepare(self.loss_fn, self.optimizer)
         self.forward = torch.compile(self.objective) if self.opt.compile else self.objective
 
         self.train_set, self.val_set = train_set, val_set
@@ -220,7 +220,7 @@ class Trainer:
         if self.acc.is_main_process:
             tmp = final.with_name(final.name + ".tmp")
             shutil.rmtree(tmp, ignore_errors=True)
-            save_pretrained(self.acc.unwrap_model(self.objective).model, tmp)
+            save_pretrained(self.model, tmp)
             atomic_write(tmp / "state.pt", lambda p: torch.save(self.state(), p))
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
@@ -235,7 +235,7 @@ class Trainer:
         if ckpt is None:
             return False
         from safetensors.torch import load_file
-        self.acc.unwrap_model(self.objective).model.load_state_dict(load_file(ckpt / "model.safetensors"))
+        self.model.load_state_dict(load_file(ckpt / "model.safetensors"))
         st = torch.load(ckpt / "state.pt", weights_only=False)
         self.optimizer.load_state_dict(st["optimizer"])
         self.scheduler.load_state_dict(st["scheduler"])
@@ -255,7 +255,7 @@ class Trainer:
         deterministic reconstruction PSNR, as the official trainer."""
         if self.val_set is None:
             return {}
-        model = self.acc.unwrap_model(self.objective).model
+        model = self.model
         model.eval()
         loader = DataLoader(self.val_set, batch_size=self.config.batch_size, shuffle=False, num_workers=0)
         totals: dict[str, float] = {}
@@ -264,7 +264,7 @@ class Trainer:
             if i >= self.opt.eval_batches:
                 break
             x = self._clip(_frames(batch)).to(self.acc.device)
-            logs, _ = self.acc.unwrap_model(self.objective)(x, False, False, None)
+            logs, _ = self.loss_fn(x, False, False, None)
             for k, v in logs.items():
                 totals[k] = totals.get(k, 0.0) + float(v)
             n += 1
@@ -282,7 +282,7 @@ class Trainer:
             return
         try:
             from . import viz
-            model = self.acc.unwrap_model(self.objective).model.eval()
+            model = self.model.eval()
             x = self._clip(_frames(batch))[:2].to(self.acc.device)
             with torch.no_grad():
                 out = model(x, deterministic=True)
@@ -302,7 +302,7 @@ class Trainer:
         except Exception as e:  # noqa: BLE001 - a figure must never stop a training run
             print(f"warning: could not write figures: {e}")
         finally:
-            self.acc.unwrap_model(self.objective).model.train()
+            self.model.train()
 
     # -------------------------------------------------------------------- the loop
     def train(self) -> dict:
@@ -378,7 +378,7 @@ class Trainer:
         record = dict(step=self.global_step, epoch=self.epoch, **metrics)
         if metrics and metrics["val_loss"] < self.best_val and self.acc.is_main_process:
             self.best_val = metrics["val_loss"]
-            save_pretrained(self.acc.unwrap_model(self.objective).model, self.run_dir / "best")
+            save_pretrained(self.model, self.run_dir / "best")
             record["best"] = True
         self.log(record)
         if batch is not None and (self.epoch + 1) % self.config.eval_epoch_freq == 0:
