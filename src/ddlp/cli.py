@@ -2,9 +2,19 @@
 from __future__ import annotations
 
 import argparse
+import importlib
+import pkgutil
 import sys
 import time
 from pathlib import Path
+
+
+
+def _plugin_commands() -> list[str]:
+    """Modules of ddlp/commands/: each defines add_parser(subparsers) and imports nothing heavy
+    at module level, so `ddlp --help` stays fast."""
+    from . import commands
+    return sorted(m.name for m in pkgutil.iter_modules(commands.__path__))
 
 
 def _model_from(args):
@@ -140,15 +150,6 @@ def cmd_train(args) -> int:
     return 0
 
 
-def cmd_data_balls(args) -> int:
-    from .data.balls import write_balls
-    n_eval = args.eval_episodes if args.eval_episodes is not None else max(1, args.episodes // 25)
-    write_balls(args.out, episodes={"train": args.episodes, "val": n_eval, "test": n_eval},
-                seqlen=args.frames)
-    print(f"wrote {args.out}/{{train,val,test}}.hdf5 ({args.episodes} / {n_eval} / {n_eval} episodes)")
-    return 0
-
-
 def cmd_quickstart(args) -> int:
     from .quickstart import run
     run(out_dir=args.out, data_dir=args.data, minutes=args.minutes, train_episodes=args.episodes,
@@ -204,15 +205,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-figures", action="store_true")
     p.set_defaults(fn=cmd_train)
 
-    p = sub.add_parser("data", help="generate datasets")
-    dsub = p.add_subparsers(dest="data_command", metavar="DATASET")
-    b = dsub.add_parser("balls", help="generate Balls-Interaction episodes (HDF5, G-SWM layout)")
-    b.add_argument("--out", required=True, help="output folder for train/val/test.hdf5")
-    b.add_argument("--episodes", type=int, default=5000, help="training episodes (default 5000)")
-    b.add_argument("--eval-episodes", type=int, help="val and test episodes each (default episodes/25)")
-    b.add_argument("--frames", type=int, default=100, help="frames per episode (default 100)")
-    b.set_defaults(fn=cmd_data_balls)
-
     p = sub.add_parser("quickstart", help="generate Balls data, train a small DDLP on the CPU, "
                        "evaluate and write a prediction GIF")
     p.add_argument("--out", default="runs/quickstart")
@@ -222,6 +214,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(fn=cmd_quickstart)
+
+    for module in _plugin_commands():
+        importlib.import_module(f"ddlp.commands.{module}").add_parser(sub)
 
     for name, fn, hlp in (("info", cmd_info, "print a model's size and configuration"),
                           ("demo", cmd_demo, "encode a generated clip and draw its particles")):

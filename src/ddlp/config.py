@@ -206,7 +206,12 @@ class Config:
         if name not in PRESETS:
             raise ConfigError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
         text = resources.files("ddlp").joinpath("configs", f"{name}.json").read_text()
-        return cls.from_dict(json.loads(text), **overrides)
+        d = json.loads(text)
+        # The official files name the authors' own disks; a preset looks under ./data/<dataset>
+        # unless --data.root says otherwise.
+        if d.get("root") is None or Path(str(d["root"])).is_absolute():
+            d["root"] = f"data/{d.get('ds', name)}"
+        return cls.from_dict(d, **overrides)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
