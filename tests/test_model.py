@@ -5,7 +5,7 @@ import torch
 from ddlp import DDLP, DLP, Config, ConfigError, Particles
 from ddlp.data.synthetic import moving_discs
 from ddlp.losses import elbo
-from ddlp.model import ParticleModel
+from ddlp.model import ParticleModel, build_model
 
 
 def small(model="ddlp", **kw):
@@ -205,3 +205,18 @@ def test_dlp_tracking_over_clips():
     assert torch.equal(out.posterior.anchor[:, 1:], out.posterior.position[:, :-1])
     assert out.proposals.shape == (2, 3, 8, 2) and not torch.equal(out.proposals[:, 1], out.proposals[:, 2])
     assert torch.isfinite(elbo(out, x, model.config)["loss"])
+
+
+def test_no_tracking_encodes_each_frame_alone():
+    """The "No Tracking" ablation: reversing the clip reverses the particles exactly, which a
+    tracking posterior (anchored on the previous frame) does not do."""
+    torch.manual_seed(0)
+    x = torch.rand(2, 4, 3, 64, 64)
+    ablated = build_model(Config.preset("balls_small", no_tracking=True, timestep_horizon=3)).eval()
+    tracked = build_model(Config.preset("balls_small", timestep_horizon=3)).eval()
+    tracked.load_state_dict(ablated.state_dict())
+    for model, equivariant in ((ablated, True), (tracked, False)):
+        with torch.no_grad():
+            fwd, rev = model.encode(x), model.encode(x.flip(1))
+        assert torch.allclose(fwd.position.flip(1), rev.position, atol=1e-5) == equivariant
+    assert ablated(x).prior.position.shape == (2, 3, 4, 2)

@@ -62,6 +62,7 @@ class Config:
     pint_heads: int = 8
     pint_dim: int = 256
     pint_relative_bias: bool = True        # False: learned absolute embeddings ("No RPE" ablation)
+    no_tracking: bool = False              # True: every frame encoded alone ("DLP (No Tracking)" row)
     num_static_frames: int = 4             # burn-in frames with the constant prior
     # --- loss
     recon_loss_type: str = "mse"           # 'mse' or 'vgg'
