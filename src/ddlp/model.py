@@ -250,6 +250,12 @@ class DDLP(ParticleModel):
             history = Particles.cat([history, nxt.map(lambda t: t.unsqueeze(1))])
         return self.decode(history), history
 
+    def what_if(self, frames: Tensor, edits, horizon: int, **kw):
+        """Original and edited rollouts after editing the particles of the first frames
+        (see ddlp.whatif.what_if)."""
+        from .whatif import what_if
+        return what_if(self, frames, edits, horizon, **kw)
+
 
 def build_model(config: Config) -> ParticleModel:
     return (DDLP if config.is_video else DLP)(config)
