@@ -1,1 +1,7 @@
-"""Datasets and data generators."""
+"""Datasets and data generators.
+
+registry.build_dataset(config, split) is the entry point; the loaders live in balls.py, trees.py
+(OBJ3D, preprocessed CLEVRER), clevrer.py, phyre.py, traffic.py, shapes.py and custom.py (your own
+folders, videos, arrays). sources.py reads episodes from files, clipset.py turns them into items by
+the paper's sampling rules, samples.py writes small trees in every published format.
+"""

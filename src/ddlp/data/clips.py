@@ -22,6 +22,15 @@ ARRAY_SUFFIXES = (".npy", ".npz")
 class ClipError(ValueError):
     """A clip that cannot be read; the message names the file."""
 
+    def __str__(self) -> str:
+        # A DataLoader worker re-raises it with the worker's whole traceback as the message; the
+        # user needs only the last line (ours), without the class-name prefix.
+        msg = super().__str__()
+        if "Original Traceback" in msg:
+            last = [line for line in msg.strip().splitlines() if line.strip()][-1]
+            msg = last.split("ClipError: ", 1)[-1]
+        return msg
+
 
 def _to_tensor(frames: np.ndarray, source: Path) -> Tensor:
     """uint8/float [T, H, W, C] or [T, C, H, W] -> float [T, 3, H, W] in [0, 1]."""
