@@ -1,22 +1,30 @@
 """Training throughput, peak memory and rollout time of the paper's presets.
 
     python benchmarks/train_step.py [--presets balls obj3d128] [--steps 5] [--json out.json]
+    python benchmarks/train_step.py --compare HEAD~3 [WORKTREE] [--rounds 3]
 
 Each preset runs in its own process (so peak memory is its own): synthetic clips of moving
 discs, the post-warm-up training regime (full reconstruction, dynamics on, all future frames
 weighted), MSE reconstruction loss, Adam. Prints a table and writes a JSON.
 CPU: peak RSS of the process; GPU: max allocated memory.
+
+--compare runs the same measurement on two revisions (git revisions, or WORKTREE for the files
+as they are now), alternating A, B, A, B, ... so that both see the same machine load, and prints
+the ratios B/A of the per-revision medians over rounds.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 SETTINGS = {  # preset: (batch, frames per clip) as stated in docs/performance.md
     "balls": (8, 11),
@@ -74,33 +82,91 @@ def run_one(preset: str, steps: int, device: str) -> dict:
                 forward_s=enc_t, rollout_100_frames_s=rollout_t, torch=torch.__version__)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--presets", nargs="+", default=["balls", "obj3d128"], choices=sorted(SETTINGS))
-    ap.add_argument("--steps", type=int, default=5)
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--json", default="benchmarks/train_step.json")
-    ap.add_argument("--one", help=argparse.SUPPRESS)
-    args = ap.parse_args()
-    if args.one:
-        print(json.dumps(run_one(args.one, args.steps, args.device)))
-        return
-    rows = []
-    for preset in args.presets:
-        r = subprocess.run([sys.executable, __file__, "--one", preset, "--steps", str(args.steps),
-                            "--device", args.device], capture_output=True, text=True)
-        if r.returncode:
-            sys.exit(r.stderr)
-        rows.append(json.loads(r.stdout.strip().splitlines()[-1]))
+METRICS = ("train_step_s", "peak_memory_gb", "forward_s", "rollout_100_frames_s")
+
+
+def measure(preset: str, steps: int, device: str, src: str | None = None) -> dict:
+    """run_one in a fresh process, importing ddlp from `src` (default: the installed one)."""
+    env = dict(os.environ)
+    if src:
+        env["PYTHONPATH"] = src + os.pathsep + env.get("PYTHONPATH", "")
+    r = subprocess.run([sys.executable, __file__, "--one", preset, "--steps", str(steps),
+                        "--device", device], capture_output=True, text=True, env=env)
+    if r.returncode:
+        sys.exit(r.stderr)
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def checkout(rev: str, into: Path) -> str:
+    """The src/ folder of a revision (WORKTREE: this checkout as it is)."""
+    root = Path(__file__).resolve().parents[1]
+    if rev == "WORKTREE":
+        return str(root / "src")
+    dest = into / rev.replace("/", "_").replace("~", "-").replace("^", "-")
+    archive = subprocess.run(["git", "-C", str(root), "archive", rev, "src"], capture_output=True, check=True)
+    dest.mkdir(parents=True)
+    subprocess.run(["tar", "-x", "-C", str(dest)], input=archive.stdout, check=True)
+    return str(dest / "src")
+
+
+def print_table(rows: list[dict]) -> None:
     print(f"{'preset':<12} {'batch x T':>9} {'step (s)':>9} {'clips/s':>8} {'peak (GB)':>9} "
           f"{'fwd (s)':>8} {'rollout100 (s)':>14}")
     for r in rows:
         print(f"{r['preset']:<12} {r['batch']:>4} x {r['frames']:<3} {r['train_step_s']:>9.2f} "
               f"{r['clips_per_s']:>8.2f} {r['peak_memory_gb']:>9.2f} {r['forward_s']:>8.2f} "
               f"{r['rollout_100_frames_s']:>14.2f}")
-    with open(args.json, "w") as f:
-        json.dump(dict(machine=platform.platform(), processor=platform.processor(), results=rows), f, indent=2)
-    print(f"wrote {args.json}")
+
+
+def compare(revs: list[str], presets: list[str], steps: int, rounds: int, device: str) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        srcs = {rev: checkout(rev, Path(tmp)) for rev in revs}
+        runs = {(rev, p): [] for rev in revs for p in presets}
+        for i in range(rounds):
+            for preset in presets:
+                for rev in revs:
+                    runs[rev, preset].append(measure(preset, steps, device, srcs[rev]))
+                    print(f"round {i + 1}/{rounds} {preset} {rev}: "
+                          f"{runs[rev, preset][-1]['train_step_s']:.2f} s/step", file=sys.stderr)
+    med = {k: {m: statistics.median(r[m] for r in v) for m in METRICS} for k, v in runs.items()}
+    a, b = revs
+    print(f"\n{'preset':<10} {'metric':<22} {a:>12} {b:>12} {'B/A':>7}")
+    for preset in presets:
+        for m in METRICS:
+            x, y = med[a, preset][m], med[b, preset][m]
+            print(f"{preset:<10} {m:<22} {x:>12.3f} {y:>12.3f} {y / x:>7.2f}")
+    return dict(revisions=revs, rounds=rounds, medians={f"{rev}:{p}": v for (rev, p), v in med.items()},
+                runs={f"{rev}:{p}": v for (rev, p), v in runs.items()})
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--presets", nargs="+", default=["balls", "obj3d128"], choices=sorted(SETTINGS))
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--json", default="benchmarks/train_step.json")
+    ap.add_argument("--compare", nargs="+", metavar="REV",
+                    help="two revisions to run side by side (one given: REV against WORKTREE)")
+    ap.add_argument("--rounds", type=int, default=3, help="alternating rounds for --compare")
+    ap.add_argument("--one", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.one:
+        print(json.dumps(run_one(args.one, args.steps, args.device)))
+        return
+    machine = dict(machine=platform.platform(), processor=platform.processor())
+    if args.compare:
+        revs = args.compare + ["WORKTREE"] if len(args.compare) == 1 else args.compare
+        if len(revs) != 2:
+            ap.error("--compare takes one or two revisions")
+        result = compare(revs, args.presets, args.steps, args.rounds, args.device)
+        out = args.json.replace(".json", "_compare.json")
+    else:
+        rows = [measure(preset, args.steps, args.device) for preset in args.presets]
+        print_table(rows)
+        result, out = dict(results=rows), args.json
+    with open(out, "w") as f:
+        json.dump({**machine, **result}, f, indent=2)
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

@@ -220,3 +220,19 @@ def test_no_tracking_encodes_each_frame_alone():
             fwd, rev = model.encode(x), model.encode(x.flip(1))
         assert torch.allclose(fwd.position.flip(1), rev.position, atol=1e-5) == equivariant
     assert ablated(x).prior.position.shape == (2, 3, 4, 2)
+
+
+def test_low_memory_background_gives_the_same_gradients():
+    torch.manual_seed(0)
+    cfg = Config.preset("balls_small", timestep_horizon=5)
+    model = build_model(cfg)
+    x = torch.rand(1, 6, 3, 64, 64)
+    grads = []
+    for low in (False, True):
+        model.zero_grad()
+        model.background.low_memory = low
+        torch.manual_seed(1)
+        elbo(model(x), x, cfg)["loss"].backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+    assert torch.allclose(grads[0], grads[1], rtol=1e-4, atol=1e-5)
+    assert grads[0].abs().sum() > 0

@@ -82,3 +82,21 @@ def test_absolute_embedding_ablation():
     assert all(b.attn.bias is None for b in pint.blocks)
     out = pint(random_particles())
     assert out.position_mu.shape == (2, 4, 3, 2)
+
+
+def test_rollout_step_equals_the_full_pass_at_the_last_frame():
+    pint, p = make(), random_particles(T=4)
+    with torch.no_grad():
+        full = pint(p)
+        nxt = pint.step(p)
+    for name in ("position", "scale", "depth", "transparency", "features", "bg_features"):
+        assert torch.allclose(getattr(nxt, name), getattr(full, name)[:, -1], atol=1e-6), name
+
+
+def test_cached_mask_follows_the_bias_tables():
+    pint, p = make(), random_particles(T=4)
+    with torch.no_grad():
+        before = pint.step(p).position
+        assert torch.equal(pint.step(p).position, before)          # cached mask, same answer
+        pint.blocks[0].attn.bias.time[0].add_(5.0)                     # an optimizer step would do this
+        assert not torch.allclose(pint.step(p).position, before)   # the cache noticed

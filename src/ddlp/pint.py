@@ -8,6 +8,8 @@ relative bias per layer and head, split into a time table (offset tk - tq) and a
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -73,20 +75,37 @@ class CausalParticleAttention(nn.Module):
         self.resid_drop = nn.Dropout(dropout)
 
     def attention_mask(self, N: int, T: int, ref: Tensor) -> Tensor:
+        """Additive mask [heads or 1, N*T, N*T]: relative bias, -inf on future frames. Cached
+        while the bias tables are unchanged (a rollout asks for the same mask at every step)."""
+        tables = () if self.bias is None else (self.bias.time, self.bias.particle)
+        key = (N, T, ref.device, ref.dtype, torch.is_grad_enabled(), *((id(t), t._version) for t in tables))
+        cached = getattr(self, "_mask_cache", None)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        mask = self._build_mask(N, T, ref)
+        if not torch.is_grad_enabled():     # a graph-carrying mask must not outlive its step
+            self._mask_cache = (key, mask)
+        return mask
+
+    def _build_mask(self, N: int, T: int, ref: Tensor) -> Tensor:
         t = torch.arange(T, device=ref.device)
         causal = (t[None, :] <= t[:, None])[None, :, None, :].expand(N, T, N, T).reshape(N * T, N * T)
         bias = self.bias(T).to(ref.dtype) if self.bias is not None else torch.zeros(
             1, N * T, N * T, device=ref.device, dtype=ref.dtype)
         return bias.masked_fill(~causal, float("-inf"))
 
-    def forward(self, x: Tensor, mask: Tensor) -> Tensor:
-        """x [B, N*T, D] in particle-major order; mask [heads or 1, N*T, N*T] additive."""
+    def forward(self, x: Tensor, mask: Tensor, queries: Optional[Tensor] = None) -> Tensor:
+        """x [B, N*T, D] in particle-major order; mask [heads or 1, N*T, N*T] additive.
+        `queries` (token indices) restricts the outputs to those tokens."""
         B, S, D = x.shape
-        split = lambda t: t.view(B, S, self.heads, D // self.heads).transpose(1, 2)  # noqa: E731
-        q, k, v = split(self.query(x)), split(self.key(x)), split(self.value(x))
+        split = lambda t: t.view(B, -1, self.heads, D // self.heads).transpose(1, 2)  # noqa: E731
+        xq = x if queries is None else x[:, queries]
+        if queries is not None:
+            mask = mask[:, queries]
+        q, k, v = split(self.query(xq)), split(self.key(x)), split(self.value(x))
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
                                            dropout_p=self.dropout if self.training else 0.0)
-        return self.resid_drop(self.proj(y.transpose(1, 2).reshape(B, S, D)))
+        return self.resid_drop(self.proj(y.transpose(1, 2).reshape(B, xq.shape[1], D)))
 
 
 class Block(nn.Module):
@@ -98,8 +117,9 @@ class Block(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim),
                                  nn.Dropout(dropout))
 
-    def forward(self, x: Tensor, mask: Tensor) -> Tensor:
-        x = x + self.attn(self.ln1(x), mask)
+    def forward(self, x: Tensor, mask: Tensor, queries: Optional[Tensor] = None) -> Tensor:
+        h = self.ln1(x)
+        x = (x if queries is None else x[:, queries]) + self.attn(h, mask, queries)
         return x + self.mlp(self.ln2(x))
 
 
@@ -160,18 +180,21 @@ class PINT(nn.Module):
             for p in self.absolute:
                 nn.init.normal_(p, std=0.02)
 
-    def trunk(self, tokens: Tensor) -> Tensor:
-        """tokens [B, T, N, D] -> [B, T, N, D] (causal in T)."""
+    def trunk(self, tokens: Tensor, last_frame_only: bool = False) -> Tensor:
+        """tokens [B, T, N, D] -> [B, T, N, D] (causal in T); last_frame_only -> [B, 1, N, D]
+        (a rollout step: the last block then computes only the last frame's tokens)."""
         B, T, N, D = tokens.shape
         if T > self.max_frames:
             raise ValueError(f"PINT sees at most {self.max_frames} frames at once, got {T}")
         if self.absolute is not None:   # "No RPE" ablation: learned absolute time/particle codes
             tokens = tokens + self.absolute[0][:T, None] + self.absolute[1]
         x = tokens.permute(0, 2, 1, 3).reshape(B, N * T, D)
-        for block in self.blocks:
-            x = block(x, block.attn.attention_mask(N, T, x))
+        last = torch.arange(N, device=x.device) * T + T - 1 if last_frame_only else None
+        for i, block in enumerate(self.blocks):
+            final = i == len(self.blocks) - 1
+            x = block(x, block.attn.attention_mask(N, T, x), last if final else None)
         x = self.head(self.ln_f(x))
-        return x.view(B, N, T, D).permute(0, 2, 1, 3)
+        return x.view(B, N, -1, D).permute(0, 2, 1, 3)
 
     def forward(self, p: Particles) -> Particles:
         """Particles [B, T, K, ...] (values only are read) -> prior of frames 1..T [B, T, K, ...]."""
@@ -216,7 +239,7 @@ class PINT(nn.Module):
     def step(self, history: Particles, deterministic: bool = True) -> Particles:
         """Next-frame particles [B, K, ...] from the last `max_frames` frames of `history`."""
         window = history[:, -self.max_frames:]
-        h = self.trunk(self.embedding(window))[:, -1]
+        h = self.trunk(self.embedding(window), last_frame_only=True)[:, -1]
         prior = self.read(h, window[:, -1], min_beta=1e-5)
         if deterministic:
             return prior

@@ -49,6 +49,7 @@ class TrainOptions:
     num_workers: int = 2
     precision: str = "no"                   # 'no', 'bf16' or 'fp16' (accelerate autocast)
     compile: bool = False
+    low_memory: bool = False                # recompute the background CNNs in backward (less RAM)
     grad_accum: int = 1
     checkpoint_every: int = 500             # steps
     keep_checkpoints: int = 2
@@ -144,6 +145,7 @@ class Trainer:
         set_seed(config.seed)
         self._check_writable()
         self.model = model or build_model(config)
+        self.model.background.low_memory = self.opt.low_memory
         self.loss_fn = Objective(self.model, self.opt.vgg_weights)   # unwrapped; prepare() may wrap it
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.Adam(params, lr=config.lr, betas=tuple(config.adam_betas),
