@@ -35,6 +35,7 @@ SETTINGS = {  # preset: (batch, frames per clip) as stated in docs/performance.m
 
 def run_one(preset: str, steps: int, device: str) -> dict:
     import torch
+
     from ddlp import Config, build_model
     from ddlp.data.synthetic import moving_discs
     from ddlp.losses import elbo

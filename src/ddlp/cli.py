@@ -9,7 +9,6 @@ import time
 from pathlib import Path
 
 
-
 def _plugin_commands() -> list[str]:
     """Modules of ddlp/commands/: each defines add_parser(subparsers) and imports nothing heavy
     at module level, so `ddlp --help` stays fast."""
@@ -59,6 +58,7 @@ def cmd_info(args) -> int:
 def cmd_demo(args) -> int:
     """Build (or load) a model, encode a generated clip, draw the particles."""
     import torch
+
     from .data.synthetic import moving_discs
     from .viz import draw_particles, grid, to_pil
     torch.manual_seed(args.seed)

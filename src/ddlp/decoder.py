@@ -3,12 +3,12 @@ pasted glimpses, and the background particle (masked encoder and decoder)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+
 import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from .nn.blocks import (ConvBlock, ConvEncoder, background_decoder_plan, glimpse_decoder_plan,
-                        mlp, upsampling_plan)
+from .nn.blocks import ConvBlock, ConvEncoder, background_decoder_plan, glimpse_decoder_plan, mlp, upsampling_plan
 from .nn.glimpse import paste, square_masks
 
 
