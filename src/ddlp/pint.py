@@ -75,7 +75,7 @@ class CausalParticleAttention(nn.Module):
         self.resid_drop = nn.Dropout(dropout)
 
     def attention_mask(self, N: int, T: int, ref: Tensor) -> Tensor:
-        """Additive mask [heads or 1, N*T, N*T]: relative bias, -inf on future frames. Cached
+        """Additive mask [1, heads or 1, N*T, N*T]: relative bias, -inf on future frames. Cached
         while the bias tables are unchanged (a rollout asks for the same mask at every step)."""
         tables = () if self.bias is None else (self.bias.time, self.bias.particle)
         key = (N, T, ref.device, ref.dtype, torch.is_grad_enabled(), *((id(t), t._version) for t in tables))
@@ -92,16 +92,18 @@ class CausalParticleAttention(nn.Module):
         causal = (t[None, :] <= t[:, None])[None, :, None, :].expand(N, T, N, T).reshape(N * T, N * T)
         bias = self.bias(T).to(ref.dtype) if self.bias is not None else torch.zeros(
             1, N * T, N * T, device=ref.device, dtype=ref.dtype)
-        return bias.masked_fill(~causal, float("-inf"))
+        # A large finite value instead of -inf (same softmax: no row is fully masked) and a 4-D
+        # mask let CPU SDPA take its fused kernel (measured ~2x faster per call).
+        return bias.masked_fill(~causal, -1e9)[None]
 
     def forward(self, x: Tensor, mask: Tensor, queries: Optional[Tensor] = None) -> Tensor:
-        """x [B, N*T, D] in particle-major order; mask [heads or 1, N*T, N*T] additive.
+        """x [B, N*T, D] in particle-major order; mask [1, heads or 1, N*T, N*T] additive.
         `queries` (token indices) restricts the outputs to those tokens."""
         B, S, D = x.shape
         split = lambda t: t.view(B, -1, self.heads, D // self.heads).transpose(1, 2)  # noqa: E731
         xq = x if queries is None else x[:, queries]
         if queries is not None:
-            mask = mask[:, queries]
+            mask = mask[..., queries, :]
         q, k, v = split(self.query(xq)), split(self.key(x)), split(self.value(x))
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
                                            dropout_p=self.dropout if self.training else 0.0)

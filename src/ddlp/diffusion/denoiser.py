@@ -74,7 +74,7 @@ class ParticleDenoiser(nn.Module):
         finite stand-in for -inf, CPU attention takes its fused kernel (about 2x faster than with
         PINT's 3-D -inf mask); softmax weights are the same (exp underflows to exactly 0)."""
         masks = [b.attn.attention_mask(self.n_tokens, frames, ref) for b in self.blocks]
-        return [m.clamp_min(MASKED)[None] for m in masks]
+        return [m.clamp_min(MASKED) for m in masks]
 
     def forward(self, x: Tensor, t: Tensor, *, masks: Optional[list[Tensor]] = None,
                 temb: Optional[Tensor] = None) -> Tensor:

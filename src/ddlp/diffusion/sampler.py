@@ -175,7 +175,7 @@ class PintStepper:
 
     def _masks(self, N: int, T: int, ref: Tensor) -> tuple[list[Tensor], Tensor]:
         if T not in self.masks:
-            masks = [b.attn.attention_mask(N, T, ref).clamp_min(MASKED)[None] for b in self.pint.blocks]
+            masks = [b.attn.attention_mask(N, T, ref).clamp_min(MASKED) for b in self.pint.blocks]
             last = torch.arange(N, device=ref.device) * T + T - 1       # the newest frame's tokens
             self.masks[T] = masks, last
         return self.masks[T]
