@@ -125,6 +125,22 @@ class Block(nn.Module):
         return x + self.mlp(self.ln2(x))
 
 
+def init_transformer(modules) -> None:
+    """The official transformer init, in module order: N(0, 0.02) linears (zero biases) and
+    relative-bias tables, unit LayerNorms."""
+    for m in modules:
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, RelativeBias):
+            nn.init.normal_(m.time, std=0.02)
+            nn.init.normal_(m.particle, std=0.02)
+
+
 class ParticleReadout(nn.Module):
     """Tokens -> raw prior parameters per particle (and for the background token)."""
 
@@ -167,17 +183,7 @@ class PINT(nn.Module):
 
     def reset_transformer(self) -> None:
         """Official init of the trunk: N(0, 0.02) linears and bias tables, unit LayerNorms."""
-        for m in [*self.blocks.modules(), self.ln_f, self.head]:
-            if isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, std=0.02)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, RelativeBias):
-                nn.init.normal_(m.time, std=0.02)
-                nn.init.normal_(m.particle, std=0.02)
+        init_transformer([*self.blocks.modules(), self.ln_f, self.head])
         if self.absolute is not None:
             for p in self.absolute:
                 nn.init.normal_(p, std=0.02)

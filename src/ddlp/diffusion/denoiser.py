@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..pint import Block, RelativeBias
+from ..pint import Block, init_transformer
 
 MASKED = -1e9   # additive logit of a masked (future) key
 
@@ -52,17 +52,7 @@ class ParticleDenoiser(nn.Module):
 
     def _init_transformer(self) -> None:
         """Official init of the transformer trunk only (the MLPs keep PyTorch's default)."""
-        for m in [*self.blocks.modules(), self.ln_f, self.head]:
-            if isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, std=0.02)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, RelativeBias):
-                nn.init.normal_(m.time, std=0.02)
-                nn.init.normal_(m.particle, std=0.02)
+        init_transformer([*self.blocks.modules(), self.ln_f, self.head])
 
     def time_embedding(self, t: Tensor) -> Tensor:
         """[B] integer steps -> [B, D]."""
