@@ -27,3 +27,12 @@ needs_shared = pytest.mark.skipif(SHARED is None, reason="reference fixtures (..
 def _seed_and_threads():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models run fastest on one thread; restore the setting for the tests that follow."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -11,16 +11,9 @@ from ddlp.data.balls import write_balls
 from ddlp.diffusion.latents import LatentStats
 from ddlp.model import build_model
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 TAU = 3
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one thread; restore the setting for the tests that follow."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -10,16 +10,9 @@ from ddlp.diffusion.model import DiffuseDDLP, DiffusionConfig
 from ddlp.diffusion.sampler import ddim_sample, ddpm_sample
 from ddlp.diffusion.train import DiffusionTrainer, DiffusionTrainOptions
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 CENTRE = 0.5   # cluster A: every foreground slot at +0.5 and background features at -0.5; B mirrored
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one thread; restore the setting for the tests that follow."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def two_clusters(layout, M=256, seed=0) -> torch.Tensor:
