@@ -60,9 +60,9 @@ class ParticleDenoiser(nn.Module):
 
     def attention_masks(self, frames: int, ref: Tensor) -> list[Tensor]:
         """One additive mask (relative bias, causal mask) per block, [1, heads, S, S]. Sampling
-        computes them once per call (they depend on the weights only). Given as a 4-D mask with a
-        finite stand-in for -inf, CPU attention takes its fused kernel (about 2x faster than with
-        PINT's 3-D -inf mask); softmax weights are the same (exp underflows to exactly 0)."""
+        computes them once per call (they depend on the weights only). PINT's masks are already 4-D
+        with a large finite stand-in for -inf (CPU attention's fused kernel); the clamp only bounds
+        that stand-in for low-precision dtypes."""
         masks = [b.attn.attention_mask(self.n_tokens, frames, ref) for b in self.blocks]
         return [m.clamp_min(MASKED) for m in masks]
 

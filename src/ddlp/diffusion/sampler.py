@@ -15,11 +15,10 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from ..particles import Particles
-from .denoiser import MASKED, SamplingPlan
+from .denoiser import SamplingPlan
 from .model import DiffuseDDLP
 from .tokens import TokenLayout, from_tokens
 
@@ -154,72 +153,16 @@ def check_compatible(model: DiffuseDDLP, ddlp, fingerprint: Optional[Callable[[]
                              f"(fingerprint {model.config.ddlp_fingerprint}, given DDLP {got})")
 
 
-class PintStepper:
-    """Deterministic `PINT.step`, for unrolls.
-
-    Like PINT.step it reuses the attention masks while the window length stays the same and runs
-    the last block for the newest frame only; in addition it hands attention each mask as a 4-D
-    tensor with a finite stand-in for -inf, which makes CPU attention take its fused kernel
-    (PINT passes a 3-D -inf mask): about 15 % faster 100-frame unrolls at batch 1 on 2 CPU
-    threads. Matches `pint.step` to float rounding (tested); PINTs of another structure fall back
-    to `pint.step`."""
-
-    def __init__(self, pint):
-        self.pint = pint
-        self.masks: dict[int, tuple[list[Tensor], Tensor]] = {}
-        blocks_ok = all(all(hasattr(getattr(b, "attn", None), n) for n in
-                            ("attention_mask", "query", "key", "value", "proj", "heads", "resid_drop"))
-                        and all(hasattr(b, n) for n in ("ln1", "ln2", "mlp")) for b in pint.blocks)
-        self.fast = len(pint.blocks) > 0 and blocks_ok and all(
-            hasattr(pint, a) for a in ("embedding", "ln_f", "head", "read", "absolute"))
-
-    def _masks(self, N: int, T: int, ref: Tensor) -> tuple[list[Tensor], Tensor]:
-        if T not in self.masks:
-            masks = [b.attn.attention_mask(N, T, ref).clamp_min(MASKED) for b in self.pint.blocks]
-            last = torch.arange(N, device=ref.device) * T + T - 1       # the newest frame's tokens
-            self.masks[T] = masks, last
-        return self.masks[T]
-
-    @staticmethod
-    def _last_frame_block(block, x: Tensor, mask: Tensor, rows: Tensor) -> Tensor:
-        """A PINT block evaluated for the query tokens `rows` only (keys/values: all tokens);
-        the last block only has to produce the newest frame."""
-        a = block.attn
-        B, S, D = x.shape
-        split = lambda t: t.view(B, -1, a.heads, D // a.heads).transpose(1, 2)  # noqa: E731
-        y = block.ln1(x)
-        q, k, v = split(a.query(y[:, rows])), split(a.key(y)), split(a.value(y))
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[..., rows, :])
-        h = x[:, rows] + a.resid_drop(a.proj(o.transpose(1, 2).reshape(B, len(rows), D)))
-        return h + block.mlp(block.ln2(h))
-
-    def __call__(self, window: Particles) -> Particles:
-        pint = self.pint
-        if not self.fast:
-            return pint.step(window, deterministic=True)
-        window = window[:, -pint.max_frames:]
-        tokens = pint.embedding(window)
-        B, T, N, D = tokens.shape
-        if pint.absolute is not None:     # the "No RPE" ablation's absolute codes
-            tokens = tokens + pint.absolute[0][:T, None] + pint.absolute[1]
-        masks, rows = self._masks(N, T, tokens)
-        x = tokens.permute(0, 2, 1, 3).reshape(B, N * T, D)
-        for block, mask in zip(pint.blocks[:-1], masks[:-1]):
-            x = block(x, mask)
-        h = self._last_frame_block(pint.blocks[-1], x, masks[-1], rows)      # [B, N, D]
-        return pint.read(pint.head(pint.ln_f(h)), window[:, -1], min_beta=1e-5)
-
-
 @torch.inference_mode()
 def unroll(pint, history: Particles, frames: int) -> Particles:
     """Extend particles [B, tau, K, ...] to `frames` frames with deterministic PINT steps, each
-    seeing at most the PINT's context (timestep_horizon) of most recent frames."""
+    seeing at most the PINT's context (timestep_horizon) of most recent frames. PINT.step reuses
+    its attention masks and runs the last block for the newest frame only."""
     tau = history.batch_shape[1]
-    step = PintStepper(pint)
     window = history.values()
     out = [window]
     for _ in range(frames - tau):
-        nxt = step(window).values().map(lambda t: t.unsqueeze(1))
+        nxt = pint.step(window, deterministic=True).values().map(lambda t: t.unsqueeze(1))
         out.append(nxt)
         window = Particles.cat([window, nxt])[:, -pint.max_frames:]
     return Particles.cat(out)
