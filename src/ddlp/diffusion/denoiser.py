@@ -19,7 +19,6 @@ from torch import Tensor, nn
 
 from ..pint import Block, init_transformer
 
-MASKED = -1e9   # additive logit of a masked (future) key
 
 
 def sinusoidal_embedding(t: Tensor, dim: int) -> Tensor:
@@ -60,11 +59,8 @@ class ParticleDenoiser(nn.Module):
 
     def attention_masks(self, frames: int, ref: Tensor) -> list[Tensor]:
         """One additive mask (relative bias, causal mask) per block, [1, heads, S, S]. Sampling
-        computes them once per call (they depend on the weights only). PINT's masks are already 4-D
-        with a large finite stand-in for -inf (CPU attention's fused kernel); the clamp only bounds
-        that stand-in for low-precision dtypes."""
-        masks = [b.attn.attention_mask(self.n_tokens, frames, ref) for b in self.blocks]
-        return [m.clamp_min(MASKED) for m in masks]
+        computes them once per call (they depend on the weights only)."""
+        return [b.attn.attention_mask(self.n_tokens, frames, ref) for b in self.blocks]
 
     def forward(self, x: Tensor, t: Tensor, *, masks: Optional[list[Tensor]] = None,
                 temb: Optional[Tensor] = None) -> Tensor:
