@@ -20,7 +20,6 @@ from torch import Tensor, nn
 from ..pint import Block, init_transformer
 
 
-
 def sinusoidal_embedding(t: Tensor, dim: int) -> Tensor:
     """[B] steps -> [B, dim]: sines then cosines of t * exp(-ln(10000) i / (dim/2 - 1))."""
     half = dim // 2
