@@ -14,8 +14,7 @@ import torch
 from torch import Tensor
 
 from .config import Config
-from .nn.blocks import (LayerSpec, background_decoder_plan, encoder_plan, glimpse_decoder_plan,
-                        upsampling_plan)
+from .nn.blocks import LayerSpec, background_decoder_plan, encoder_plan, glimpse_decoder_plan, upsampling_plan
 
 
 class ConversionError(ValueError):
@@ -151,19 +150,21 @@ def _expected_buffers(c: Config) -> dict[str, float]:
             "obj_on_a_p": c.obj_on_alpha, "obj_on_b_p": c.obj_on_beta}
 
 
+def key_problems(key_map: dict, official: dict, missing_text: str, unexpected_text: str,
+                 limit: int) -> list[str]:
+    """Messages for official keys the map expects but the checkpoint lacks, and the reverse."""
+    missing = [k for k in key_map if k not in official]
+    unexpected = [k for k in official if k not in key_map]
+    return [f"{len(keys)} {text}: " + ", ".join(keys[:limit]) + (" ..." if len(keys) > limit else "")
+            for keys, text in ((missing, missing_text), (unexpected, unexpected_text)) if keys]
+
+
 def convert_state_dict(official: dict[str, Tensor], config: Config,
                        reference: Optional[dict[str, Tensor]] = None) -> dict[str, Tensor]:
     """Official state dict -> ours. `reference` (our model's state dict) enables shape checks."""
     key_map = official_key_map(config)
-    missing = [k for k in key_map if k not in official]
-    unexpected = [k for k in official if k not in key_map]
-    problems = []
-    if missing:
-        problems.append(f"{len(missing)} keys missing from the checkpoint: " + ", ".join(missing[:20])
-                        + (" ..." if len(missing) > 20 else ""))
-    if unexpected:
-        problems.append(f"{len(unexpected)} unexpected keys in the checkpoint: " + ", ".join(unexpected[:20])
-                        + (" ..." if len(unexpected) > 20 else ""))
+    problems = key_problems(key_map, official, "keys missing from the checkpoint",
+                            "unexpected keys in the checkpoint", limit=20)
     out: dict[str, Tensor] = {}
     for key, ours in key_map.items():
         if key not in official:
@@ -190,7 +191,7 @@ def convert_state_dict(official: dict[str, Tensor], config: Config,
                 problems.append(f"{official_name}: shape {tuple(v.shape)} in the checkpoint, "
                                 f"{tuple(reference[k].shape)} expected from the hparams")
         absent = [k for k in reference if k not in out]
-        if absent and not missing:
+        if absent and all(k in official for k in key_map):   # missing keys were reported above
             problems.append(f"parameters not provided: {', '.join(absent[:20])}")
     if problems:
         raise ConversionError("official checkpoint does not match its hparams:\n  - "

@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..convert import ConversionError, KeyMap, _linear, _seq
+from ..convert import ConversionError, KeyMap, _linear, _seq, key_problems
 from .latents import LatentStats, fingerprint
 from .model import DiffuseDDLP, DiffusionConfig, load_ddlp
 
@@ -61,15 +61,7 @@ def convert_denoiser(official: dict[str, Tensor], model: DiffuseDDLP) -> dict[st
     c = model.config
     key_map = denoiser_key_map(c.pint_layers)
     reference = model.state_dict()
-    problems = []
-    missing = [k for k in key_map if k not in official]
-    unexpected = [k for k in official if k not in key_map]
-    if missing:
-        problems.append(f"{len(missing)} denoiser keys missing: " + ", ".join(missing[:12])
-                        + (" ..." if len(missing) > 12 else ""))
-    if unexpected:
-        problems.append(f"{len(unexpected)} unexpected denoiser keys: " + ", ".join(unexpected[:12])
-                        + (" ..." if len(unexpected) > 12 else ""))
+    problems = key_problems(key_map, official, "denoiser keys missing", "unexpected denoiser keys", limit=12)
     out = dict(reference)
     for key, ours in key_map.items():
         if key not in official:
