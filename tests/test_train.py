@@ -43,13 +43,15 @@ def options(tmp_path, **kw):
     return TrainOptions(**base)
 
 
-def test_resumed_run_equals_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize("replay", [0, 3], ids=["official", "pint_replay"])
+def test_resumed_run_equals_uninterrupted_run(tmp_path, replay):
     data, val = Clips(), Clips(n=2, seed=9)
-    full = Trainer(tiny_config(), data, val, options(tmp_path / "a", max_steps=8))
+    cfg = dict(pint_replay=replay, pint_replay_buffer=5)
+    full = Trainer(tiny_config(**cfg), data, val, options(tmp_path / "a", max_steps=8))
     full.train()
-    first = Trainer(tiny_config(), data, val, options(tmp_path / "b", max_steps=4))
+    first = Trainer(tiny_config(**cfg), data, val, options(tmp_path / "b", max_steps=4))
     first.train()
-    second = Trainer(tiny_config(), data, val, options(tmp_path / "b", max_steps=8))
+    second = Trainer(tiny_config(**cfg), data, val, options(tmp_path / "b", max_steps=8))
     assert second.resume() and second.global_step == 4 and second.epoch == 1
     second.train()
     # 8 steps cross the warm-up, noisy and normal epochs (3 steps each) and a mid-epoch restart
@@ -59,6 +61,25 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
     records = [json.loads(line) for line in (tmp_path / "a" / "run" / "metrics.jsonl").read_text().splitlines()]
     assert any("val_loss" in r for r in records) and (tmp_path / "a" / "run" / "best" / "model.safetensors").is_file()
+
+
+def test_pint_replay_trains_only_the_prior_on_recent_clips(tmp_path):
+    trainer = Trainer(tiny_config(pint_replay=3, pint_replay_buffer=5), Clips(), None, options(tmp_path))
+    objective, x = trainer.loss_fn, torch.stack([Clips()[i]["frames"] for i in range(2)])
+    logs, _ = objective(x, False, False, None)
+    assert "kl_dyn_replay" not in logs and len(objective.replay) == 2     # too few clips yet
+    for _ in range(2):
+        logs, out = objective(x, False, False, None)
+    assert len(objective.replay) == 5 and torch.equal(objective.replay.items.position[-2:],
+                                                      out.posterior.position.detach())
+    trainer.model.zero_grad()
+    replay_only = {"loss": torch.zeros(())}
+    objective._replay(replay_only, out, None)
+    replay_only["loss"].backward()
+    grads = {n: p.grad for n, p in trainer.model.named_parameters()}
+    assert replay_only["kl_dyn_replay"] > 0
+    assert all(g is None for n, g in grads.items() if not n.startswith("pint."))
+    assert sum(float(g.abs().sum()) for n, g in grads.items() if n.startswith("pint.") and g is not None) > 0
 
 
 def test_checkpoint_survives_a_crash_while_writing(tmp_path, monkeypatch):

@@ -19,6 +19,7 @@ from torch import Tensor
 
 from .config import Config
 from .model import Output
+from .particles import Particles
 
 
 # ---------------------------------------------------------------------------- primitives
@@ -150,6 +151,20 @@ def dlp_elbo(out: Output, x: Tensor, config: Config, *, warmup: bool = False, no
                  kl_scale=t["scale"].mean(), kl_depth=t["depth"].mean())
 
 
+def dynamics_kl(p: Particles, q: Particles, ns: int, disc: Tensor) -> Tensor:
+    """KL of the posterior frames ns..T from PINT's prior of them (prior index t - 1), summed
+    over attributes and particles, weighted per frame by `disc`, summed over frames, mean over clips."""
+    post, pri = p[:, ns:], q[:, ns - 1:]
+    position_mu = post.anchor.detach() + post.offset_mu if post.anchor is not None else post.position_mu
+    dyn = (gaussian_kl(position_mu, post.position_logvar, pri.position_mu, pri.position_logvar).sum(-1)
+           + gaussian_kl(post.scale_mu, post.scale_logvar, pri.scale_mu, pri.scale_logvar).sum(-1)
+           + gaussian_kl(post.depth_mu, post.depth_logvar, pri.depth_mu, pri.depth_logvar).sum(-1)
+           + gaussian_kl(post.features_mu, post.features_logvar, pri.features_mu, pri.features_logvar).sum(-1)
+           + beta_divergence(post.transparency_a, post.transparency_b, pri.transparency_a, pri.transparency_b).sum(-1)
+           + gaussian_kl(post.bg_mu, post.bg_logvar, pri.bg_mu, pri.bg_logvar))     # [B, J]
+    return (disc * dyn).sum(1).mean()
+
+
 # ---------------------------------------------------------------------------- DDLP
 def ddlp_elbo(out: Output, x: Tensor, config: Config, *, warmup: bool = False, noisy: bool = False,
               discount: Optional[Sequence[float] | Tensor] = None, recon: Optional[ReconLoss] = None,
@@ -193,15 +208,7 @@ def ddlp_elbo(out: Output, x: Tensor, config: Config, *, warmup: bool = False, n
     kl = _combine(kl_kp, per_clip["scale"], per_clip["obj_on"], per_clip["features"], kl_bg,
                   per_clip["depth"], kl_balance)
 
-    post, pri = p[:, ns:], q[:, ns - 1:]                                   # frames ns..T, priors from t-1
-    position_mu = post.anchor.detach() + post.offset_mu
-    dyn = (gaussian_kl(position_mu, post.position_logvar, pri.position_mu, pri.position_logvar).sum(-1)
-           + gaussian_kl(post.scale_mu, post.scale_logvar, pri.scale_mu, pri.scale_logvar).sum(-1)
-           + gaussian_kl(post.depth_mu, post.depth_logvar, pri.depth_mu, pri.depth_logvar).sum(-1)
-           + gaussian_kl(post.features_mu, post.features_logvar, pri.features_mu, pri.features_logvar).sum(-1)
-           + beta_divergence(post.transparency_a, post.transparency_b, pri.transparency_a, pri.transparency_b).sum(-1)
-           + gaussian_kl(post.bg_mu, post.bg_logvar, pri.bg_mu, pri.bg_logvar))     # [B, J]
-    kl_dyn = (disc * dyn).sum(1).mean()
+    kl_dyn = dynamics_kl(p, q, ns, disc)
 
     loss = (beta_rec * loss_rec + beta_kl * kl + beta_dyn * kl_dyn) / T1
     return _logs(loss, out, x, warmup, config, kl=kl, loss_rec=loss_rec, kl_kp=kl_kp,
