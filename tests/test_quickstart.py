@@ -12,12 +12,12 @@ TINY = dict(enc_channels=[8, 16, 16], prior_channels=[8, 8, 16], n_kp_enc=3, n_k
 
 def test_quickstart_writes_metrics_and_gif(tmp_path):
     metrics = run(out_dir=str(tmp_path / "run"), data_dir=str(tmp_path / "data"), minutes=5,
-                  train_episodes=2, eval_episodes=2, horizon=4, workers=0, max_steps=3,
+                  train_episodes=2, eval_episodes=2, horizon=4, workers=0, max_steps=3, prior_steps=4,
                   progress=False, **TINY)
     for split in ("train", "val", "test"):
         assert (tmp_path / "data" / f"{split}.hdf5").is_file()
     saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
-    assert saved["steps"] == 3 and saved["episodes"] == 2
+    assert saved["steps"] == 3 and saved["episodes"] == 2 and saved["prior_steps"] == 4
     assert len(saved["pred_psnr_per_step"]) == 4 and len(saved["position_error_px_per_step"]) == 4
     assert abs(saved["position_error_px"] - sum(saved["position_error_px_per_step"]) / 4) < 1e-4
     assert 0 < saved["recon_psnr"] < 60 and saved == metrics

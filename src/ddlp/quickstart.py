@@ -8,9 +8,10 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import atomic_write
+from .checkpoint import atomic_write, save_pretrained
 from .config import Config
 from .model import DDLP, ParticleModel
+from .prior_tuning import tune_prior
 
 
 def ensure_balls(data_dir: Path, train: int, val: int, test: int) -> Path:
@@ -50,8 +51,12 @@ def evaluate_rollouts(model: DDLP, episodes, cond: int, horizon: int) -> dict:
 
 def run(out_dir: str = "runs/quickstart", data_dir: str = "data/balls", minutes: float = 14.5,
         train_episodes: int = 300, eval_episodes: int = 16, horizon: int = 24, seed: int = 0,
-        workers: int = 1, max_steps: int | None = None, progress: bool = True, **overrides) -> dict:
-    """Everything the README's main command does. `overrides` change the balls_small config."""
+        workers: int = 1, max_steps: int | None = None, prior_minutes: float = 1.5,
+        prior_steps: int = 2000, progress: bool = True, **overrides) -> dict:
+    """Everything the README's main command does. `overrides` change the balls_small config.
+
+    The budget of `minutes` is split: joint training, then up to `prior_minutes` (at most
+    `prior_steps` steps) of PINT alone on the frozen encoder's posteriors (ddlp.prior_tuning)."""
     from . import viz
     from .data.balls import BallsDataset
     from .train import Trainer, TrainOptions
@@ -66,14 +71,19 @@ def run(out_dir: str = "runs/quickstart", data_dir: str = "data/balls", minutes:
     print(f"training {config.n_kp_enc}-particle DDLP for up to {minutes:g} min "
           f"({len(train_set)} training clips of {config.timestep_horizon + 1} frames)")
     trainer = Trainer(config, train_set, val_set, TrainOptions(
-        run_dir=str(out), max_minutes=minutes, max_steps=max_steps, num_workers=workers, progress=progress))
+        run_dir=str(out), max_minutes=max(minutes - prior_minutes, 0.1), max_steps=max_steps,
+        num_workers=workers, progress=progress))
     trainer.train()
-    train_time = time.time() - t0
     model = ParticleModel.from_pretrained(out / "best") if (out / "best").is_dir() else trainer.model
+    print(f"tuning PINT on the frozen encoder for up to {prior_minutes:g} min")
+    prior = tune_prior(model, train_set, steps=prior_steps, max_minutes=prior_minutes, seed=seed,
+                       progress=progress)
+    save_pretrained(model, out / "best")
+    train_time = time.time() - t0
     test = BallsDataset(root, "test")
     episodes = [test[i] for i in range(min(eval_episodes, len(test)))]
     metrics = evaluate_rollouts(model, episodes, config.cond_steps, horizon)
-    metrics.update(train_minutes=train_time / 60, steps=trainer.global_step, cond_steps=config.cond_steps,
+    metrics.update(train_minutes=train_time / 60, steps=trainer.global_step, **prior, cond_steps=config.cond_steps,
                    horizon=horizon, device=str(trainer.acc.device))
     atomic_write(out / "metrics.json", lambda p: Path(p).write_text(json.dumps(metrics, indent=2)))
 
