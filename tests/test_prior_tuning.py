@@ -11,7 +11,7 @@ def test_tune_prior_lowers_the_dynamics_kl_and_leaves_the_encoder_alone():
     torch.manual_seed(0)
     model = build_model(tiny_config())
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    stats = tune_prior(model, Clips(n=16), steps=40, batch_size=8, clips=16, lr=3e-3, progress=False)
+    stats = tune_prior(model, Clips(n=16), steps=40, batch_size=8, clips=16, lr=3e-3, reset=True, progress=False)
     after = model.state_dict()
     assert stats["prior_steps"] == 40 and stats["prior_clips"] == 16
     assert stats["prior_loss_after"] < 0.9 * stats["prior_loss_before"]

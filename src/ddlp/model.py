@@ -212,11 +212,15 @@ class DDLP(ParticleModel):
 
     def __init__(self, config: Config):
         super().__init__(config)
+        self.pint = self.build_pint()
+
+    def build_pint(self) -> PINT:
+        """A freshly initialised PINT for this config."""
         c = self.config
-        self.pint = PINT(c.n_kp_enc, c.learned_feature_dim, c.bg_features_dim, c.pint_dim,
-                         c.pint_heads, c.pint_layers, c.timestep_horizon,
-                         predict_delta=c.predict_delta, activation=c.kp_activation,
-                         relative_bias=c.pint_relative_bias)
+        return PINT(c.n_kp_enc, c.learned_feature_dim, c.bg_features_dim, c.pint_dim,
+                    c.pint_heads, c.pint_layers, c.timestep_horizon,
+                    predict_delta=c.predict_delta, activation=c.kp_activation,
+                    relative_bias=c.pint_relative_bias)
 
     def encode(self, frames: Tensor, deterministic: bool = True) -> Particles:
         """Posterior particles of a clip [B, T, 3, H, W], background included."""

@@ -76,8 +76,8 @@ def run(out_dir: str = "runs/quickstart", data_dir: str = "data/balls", minutes:
     trainer.train()
     model = ParticleModel.from_pretrained(out / "best") if (out / "best").is_dir() else trainer.model
     print(f"tuning PINT on the frozen encoder for up to {prior_minutes:g} min")
-    prior = tune_prior(model, train_set, steps=prior_steps, max_minutes=prior_minutes, seed=seed,
-                       progress=progress)
+    prior = tune_prior(model, train_set, steps=prior_steps, max_minutes=prior_minutes, reset=True,
+                       seed=seed, progress=progress)
     save_pretrained(model, out / "best")
     train_time = time.time() - t0
     test = BallsDataset(root, "test")

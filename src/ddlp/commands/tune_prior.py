@@ -29,7 +29,8 @@ def cmd_tune_prior(args) -> int:
         config.root = args.data_root
     data = build_dataset(config, "train")
     stats = tune_prior(model, data, steps=args.steps, batch_size=args.batch_size, clips=args.clips,
-                       lr=args.lr, seed=args.seed, max_minutes=args.max_minutes)
+                       lr=args.lr, bias_lr=args.bias_lr, reset=args.reset, seed=args.seed,
+                       max_minutes=args.max_minutes)
     save_pretrained(model, args.out)
     print(f"{info['source']} {path}: dynamics KL {stats['prior_loss_before']:.4g} -> "
           f"{stats['prior_loss_after']:.4g} after {stats['prior_steps']} steps on {stats['prior_clips']} clips; "
@@ -50,6 +51,9 @@ def add_parser(sub) -> None:
     p.add_argument("--batch-size", type=int, default=64, help="clips per step (default 64)")
     p.add_argument("--clips", type=int, default=512, help="training clips to encode (default 512)")
     p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default 1e-3)")
+    p.add_argument("--bias-lr", type=float, default=0.1, help="learning rate of the relative-bias tables "
+                   "(default 0.1)")
+    p.add_argument("--reset", action="store_true", help="start PINT from fresh weights")
     p.add_argument("--max-minutes", type=float, help="stop after this much time")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--use-last", action="store_true", help="in a run directory, use the latest checkpoint")
