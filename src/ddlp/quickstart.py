@@ -52,7 +52,7 @@ def evaluate_rollouts(model: DDLP, episodes, cond: int, horizon: int) -> dict:
 def run(out_dir: str = "runs/quickstart", data_dir: str = "data/balls", minutes: float = 14.5,
         train_episodes: int = 300, eval_episodes: int = 16, horizon: int = 24, seed: int = 0,
         workers: int = 1, max_steps: int | None = None, prior_minutes: float = 1.5,
-        prior_steps: int = 2000, progress: bool = True, **overrides) -> dict:
+        prior_steps: int = 3000, progress: bool = True, **overrides) -> dict:
     """Everything the README's main command does. `overrides` change the balls_small config.
 
     The budget of `minutes` is split: joint training, then up to `prior_minutes` (at most
