@@ -137,7 +137,8 @@ def cmd_train(args) -> int:
     opts = TrainOptions(run_dir=args.run_dir, max_steps=args.max_steps, max_minutes=args.max_minutes,
                         num_workers=args.workers, precision=args.precision, compile=args.compile,
                         low_memory=args.low_memory,
-                        grad_accum=args.grad_accum, checkpoint_every=args.checkpoint_every,
+                        grad_accum=args.grad_accum, grad_clip=args.grad_clip,
+                        checkpoint_every=args.checkpoint_every,
                         progress=not args.no_progress, vgg_weights=args.vgg_weights,
                         figures=not args.no_figures)
     trainer = Trainer(config, train_set, val_set, opts)
@@ -201,6 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--low-memory", action="store_true", help="recompute the background CNNs in the "
                    "backward pass: about half the activation memory for ~15%% more compute")
     p.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation steps")
+    p.add_argument("--grad-clip", type=float, help="clip the global gradient norm to this value "
+                   "(default: no clipping, as the official code)")
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers")
     p.add_argument("--checkpoint-every", type=int, default=500, help="steps between checkpoints")
     p.add_argument("--vgg-weights", help="VGG-16 ImageNet weights file for recon_loss_type vgg")

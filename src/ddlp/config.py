@@ -90,8 +90,6 @@ class Config:
     # --- ddlp additions (absent from official files; defaults reproduce the official schedule)
     epoch_steps: int | None = None         # batches per "epoch" (None: one pass over the data)
     dyn_ramp_min_iters: int = 10000        # future-frame weights ramp over max(this, epoch) iters
-    pint_replay: int = 0                   # extra PINT-only KL on this many recent posterior clips per step (0: official)
-    pint_replay_buffer: int = 256          # recent posterior clips kept for pint_replay
     seed: int = 0
     # --- data
     ds: str = "balls"

@@ -149,7 +149,7 @@ def encode_frame(attr_enc: AttributeEncoder, app_enc: AppearanceEncoder, x: Tens
         reparameterize(attrs.offset_mu, attrs.offset_logvar, deterministic)
     scale = reparameterize(attrs.scale_mu, attrs.scale_logvar, deterministic)
     depth = reparameterize(attrs.depth_mu, attrs.depth_logvar, deterministic)
-    transparency = a / (a + b) if deterministic else torch.distributions.Beta(a, b).rsample()
+    transparency = a / (a + b) if deterministic else torch.distributions.Beta(a, b, validate_args=False).rsample()
     if noisy:   # random glimpse size; `0 *` keeps the graph without a gradient
         logit = math.log(anchor_s / (1 - anchor_s + 1e-5))
         scale = 0 * scale + logit + 0.1 * torch.randn_like(scale)

@@ -52,11 +52,14 @@ def evaluate_rollouts(model: DDLP, episodes, cond: int, horizon: int) -> dict:
 def run(out_dir: str = "runs/quickstart", data_dir: str = "data/balls", minutes: float = 14.5,
         train_episodes: int = 300, eval_episodes: int = 16, horizon: int = 24, seed: int = 0,
         workers: int = 1, max_steps: int | None = None, prior_minutes: float = 1.5,
-        prior_steps: int = 3000, progress: bool = True, **overrides) -> dict:
+        prior_steps: int = 3000, grad_clip: float | None = 1000.0, progress: bool = True,
+        **overrides) -> dict:
     """Everything the README's main command does. `overrides` change the balls_small config.
 
     The budget of `minutes` is split: joint training, then up to `prior_minutes` (at most
-    `prior_steps` steps) of PINT alone on the frozen encoder's posteriors (ddlp.prior_tuning)."""
+    `prior_steps` steps) of PINT alone on the frozen encoder's posteriors (ddlp.prior_tuning).
+    Gradients are clipped at `grad_clip` (2-4x their typical norm of 200-550 here): with batches of
+    2 at lr 2e-3 a rare spike can otherwise send the transparency head off."""
     from . import viz
     from .data.balls import BallsDataset
     from .train import Trainer, TrainOptions
@@ -68,14 +71,14 @@ def run(out_dir: str = "runs/quickstart", data_dir: str = "data/balls", minutes:
                               root=str(root), **overrides)
     train_set = BallsDataset(root, "train", clip_len=config.timestep_horizon + 1)
     val_set = BallsDataset(root, "val")
-    print(f"training {config.n_kp_enc}-particle DDLP for up to {minutes:g} min "
-          f"({len(train_set)} training clips of {config.timestep_horizon + 1} frames)")
+    joint_minutes = max(minutes - prior_minutes, 0.1)
+    print(f"training {config.n_kp_enc}-particle DDLP for up to {joint_minutes:g} min, then PINT alone "
+          f"for up to {prior_minutes:g} min ({len(train_set)} training clips of {config.timestep_horizon + 1} frames)")
     trainer = Trainer(config, train_set, val_set, TrainOptions(
-        run_dir=str(out), max_minutes=max(minutes - prior_minutes, 0.1), max_steps=max_steps,
-        num_workers=workers, progress=progress))
+        run_dir=str(out), max_minutes=joint_minutes, max_steps=max_steps, num_workers=workers,
+        grad_clip=grad_clip, progress=progress))
     trainer.train()
     model = ParticleModel.from_pretrained(out / "best") if (out / "best").is_dir() else trainer.model
-    print(f"tuning PINT on the frozen encoder for up to {prior_minutes:g} min")
     prior = tune_prior(model, train_set, steps=prior_steps, max_minutes=prior_minutes, reset=True,
                        seed=seed, progress=progress)
     save_pretrained(model, out / "best")

@@ -22,7 +22,7 @@ import os
 import random
 import shutil
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -33,9 +33,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .checkpoint import atomic_write, save_pretrained
 from .config import Config
-from .losses import dynamics_kl, elbo
+from .losses import elbo
 from .model import ParticleModel, build_model
-from .particles import Particles
 
 
 class TrainingError(RuntimeError):
@@ -52,6 +51,7 @@ class TrainOptions:
     compile: bool = False
     low_memory: bool = False                # recompute the background CNNs in backward (less RAM)
     grad_accum: int = 1
+    grad_clip: Optional[float] = None       # clip the global gradient norm (the official code does not)
     checkpoint_every: int = 500             # steps
     keep_checkpoints: int = 2
     eval_batches: int = 8
@@ -91,34 +91,6 @@ def _frames(batch) -> Tensor:
 
 
 # ------------------------------------------------------------------------------ the objective
-class PosteriorReplay:
-    """The most recent `capacity` clips of posterior particles, detached. With `pint_replay` = n,
-    each training step adds PINT's dynamics KL on n clips drawn from here (scaled like the
-    batch's own): the prior then learns from many more clips per step than the encoder can
-    afford to process. Not in the official training (which has n = 0); see docs/training.md."""
-
-    def __init__(self, capacity: int):
-        self.capacity, self.items = capacity, None
-
-    def __len__(self) -> int:
-        return 0 if self.items is None else self.items.position.shape[0]
-
-    def push(self, p: Particles) -> None:
-        p = p.detach()
-        self.items = p if self.items is None else Particles.cat([self.items, p], 0)[-self.capacity:]
-
-    def sample(self, n: int) -> Particles:
-        return self.items[torch.randint(len(self), (n,), device=self.items.position.device)]
-
-    def state_dict(self) -> dict:
-        if self.items is None:
-            return {}
-        return {f.name: v.cpu() for f in fields(Particles) if (v := getattr(self.items, f.name)) is not None}
-
-    def load_state_dict(self, state: dict, device=None) -> None:
-        self.items = Particles(**{k: v.to(device) for k, v in state.items()}) if state else None
-
-
 class Objective(nn.Module):
     """Model + ELBO in one module, so DDP wraps exactly what is differentiated."""
 
@@ -129,7 +101,6 @@ class Objective(nn.Module):
         if model.config.recon_loss_type == "vgg":
             from .nn.vgg import VGGPerceptualLoss
             self.recon = VGGPerceptualLoss.pretrained(vgg_weights)
-        self.replay = PosteriorReplay(model.config.pint_replay_buffer)
 
     def forward(self, x: Tensor, warmup: bool, noisy: bool, discount: Optional[Tensor]):
         c = self.model.config
@@ -139,21 +110,7 @@ class Objective(nn.Module):
         kwargs = dict(warmup=warmup, noisy=noisy, recon=self.recon)
         if c.is_video:
             kwargs["discount"] = discount
-        logs = elbo(out, x, c, **kwargs)
-        if c.is_video and c.pint_replay and self.training:
-            self._replay(logs, out, discount)
-        return logs, out
-
-    def _replay(self, logs: dict, out, discount: Optional[Tensor]) -> None:
-        c = self.model.config
-        T1, ns = c.timestep_horizon + 1, c.num_static_frames
-        if len(self.replay) >= c.pint_replay:
-            p = self.replay.sample(c.pint_replay)
-            disc = torch.ones(T1 - ns, device=p.position.device) if discount is None else discount[:T1 - ns]
-            kl = dynamics_kl(p, self.model.pint(p[:, :-1]), ns, disc)
-            logs["loss"] = logs["loss"] + c.beta_dyn * kl / T1 * (1e-3 if c.recon_loss_type == "vgg" else 1.0)
-            logs["kl_dyn_replay"] = kl.detach()
-        self.replay.push(out.posterior)
+        return elbo(out, x, c, **kwargs), out
 
 
 def future_weights(iteration: int, config: Config, iters_per_epoch: int, device=None) -> Tensor:
@@ -213,6 +170,7 @@ class Trainer:
                                  generator=torch.Generator())   # keeps the global RNG stream untouched
         self.epoch = self.step_in_epoch = self.global_step = self.iteration = 0
         self.best_val = math.inf
+        self.skipped_steps = 0
         self.writer = None
         self.losses: list[float] = []           # per step, this process (for tests and plots)
 
@@ -252,7 +210,7 @@ class Trainer:
     # -------------------------------------------------------------------- checkpoints
     def state(self) -> dict:
         return dict(epoch=self.epoch, step_in_epoch=self.step_in_epoch, global_step=self.global_step,
-                    iteration=self.iteration, best_val=self.best_val, replay=self.loss_fn.replay.state_dict(),
+                    iteration=self.iteration, best_val=self.best_val,
                     optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict(),
                     rng=dict(torch=torch.get_rng_state(), numpy=np.random.get_state(),
                              python=random.getstate(),
@@ -287,7 +245,6 @@ class Trainer:
         self.scheduler.load_state_dict(st["scheduler"])
         for k in ("epoch", "step_in_epoch", "global_step", "iteration", "best_val"):
             setattr(self, k, st[k])
-        self.loss_fn.replay.load_state_dict(st.get("replay", {}), self.acc.device)
         torch.set_rng_state(st["rng"]["torch"])
         np.random.set_state(st["rng"]["numpy"])
         random.setstate(st["rng"]["python"])
@@ -384,7 +341,8 @@ class Trainer:
                             f"loss became {float(loss.detach())} at step {self.global_step} (epoch {self.epoch}); "
                             f"the last good checkpoint is in {self.run_dir / 'checkpoints'}")
                     acc.backward(loss)
-                    self.optimizer.step()
+                    if not acc.sync_gradients or self._gradients_ok():
+                        self.optimizer.step()
                     self.optimizer.zero_grad(set_to_none=True)
                 if not acc.sync_gradients:
                     continue
@@ -419,6 +377,21 @@ class Trainer:
         if self.writer is not None:
             self.writer.close()
         return last
+
+    def _gradients_ok(self) -> bool:
+        """Clip the gradient norm if asked; False (and a note) when it is not finite. An Adam step
+        on inf/NaN gradients would make every weight NaN, so that step is skipped instead."""
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        norm = self.acc.clip_grad_norm_(params, self.opt.grad_clip or float("inf"))
+        if torch.isfinite(norm):
+            return True
+        self.skipped_steps += 1
+        print(f"warning: non-finite gradients at step {self.global_step}; update skipped "
+              f"({self.skipped_steps} so far)")
+        if self.skipped_steps > 100:
+            raise TrainingError(f"more than 100 updates skipped for non-finite gradients (last at step "
+                                f"{self.global_step}); the last good checkpoint is in {self.run_dir / 'checkpoints'}")
+        return False
 
     def _end_epoch(self, batch) -> None:
         metrics = self.evaluate()
