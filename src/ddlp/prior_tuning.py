@@ -18,6 +18,7 @@ from .losses import dynamics_kl
 from .model import DDLP
 from .particles import Particles
 from .pint import RelativeBias
+from .train import _frames
 
 
 @torch.no_grad()
@@ -30,7 +31,7 @@ def encode_posteriors(model: DDLP, dataset: Dataset, clips: int, batch_size: int
     T1 = model.config.timestep_horizon + 1
     out = []
     for batch in DataLoader(torch.utils.data.Subset(dataset, idx), batch_size=batch_size):
-        x = (batch["frames"] if isinstance(batch, dict) else batch)[:, :T1]
+        x = _frames(batch)[:, :T1]
         x = x.to(next(model.parameters()).device)
         out.append(model.encode(x, deterministic=False))
     return Particles.cat(out, 0)
