@@ -206,3 +206,8 @@ def test_gradient_clipping_bounds_the_update(tmp_path):
     clipped.train()
     assert float(grads["norm"]) <= 1e-6 * 1.01
     assert any(not torch.equal(start[k], v) for k, v in clipped.model.state_dict().items())
+
+
+def test_compile_on_cpu_fails_up_front_with_the_reason(tmp_path):
+    with pytest.raises(TrainingError, match="--compile is not supported .* CPU"):
+        Trainer(tiny_config(), Clips(), None, options(tmp_path, compile=True))

@@ -198,7 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int)
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override any config key (repeatable)")
     p.add_argument("--precision", default="no", choices=["no", "bf16", "fp16"], help="autocast precision")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (GPU only: torch "
+                   "2.13 cannot compile its backward on the CPU)")
     p.add_argument("--low-memory", action="store_true", help="recompute the background CNNs in the "
                    "backward pass: about half the activation memory for ~15%% more compute")
     p.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation steps")
