@@ -64,7 +64,7 @@ def tune_prior(model: DDLP, dataset: Dataset, *, steps: int = 2000, batch_size: 
     # Small eps: PINT's gradients are ~1e-5, where the trainer's eps of 1e-4 would damp them. The
     # relative-bias tables get a larger step: attending to the same particle one frame back needs
     # biases of a few units, which Adam at lr 1e-3 takes thousands of steps to build (measured on
-    # Balls: "stand still" error left after ~500 steps instead of ~1000).
+    # Balls: below the "stand still" error after ~600 steps instead of ~1000).
     tables = [t for m in model.pint.modules() if isinstance(m, RelativeBias) for t in m.parameters()]
     rest = [t for t in model.pint.parameters() if all(t is not b for b in tables)]
     opt = torch.optim.Adam([dict(params=rest), dict(params=tables, lr=bias_lr)], lr=lr, eps=1e-8)
