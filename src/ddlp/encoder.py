@@ -103,18 +103,25 @@ class AppearanceEncoder(GlimpseEncoder):
         self.glimpse = glimpse
         self.features_head = nn.Linear(256, 2 * features_dim)
 
+    def crop(self, x: Tensor, position: Tensor, scale: Tensor) -> Tensor:
+        """Glimpses [B, K, 3, g, g] at the particles (scale pre-sigmoid)."""
+        return crop(x, position, torch.sigmoid(scale), self.glimpse)
+
+    def describe(self, glimpses: Tensor) -> tuple[Tensor, Tensor]:
+        """Glimpses [..., K, 3, g, g] -> features mu, logvar [..., K, F]."""
+        out = self.features_head(self.embed(glimpses.flatten(0, -4)))
+        mu, logvar = out.view(*glimpses.shape[:-3], -1).chunk(2, -1)
+        return mu, logvar
+
     def forward(self, x: Tensor, position: Tensor, scale: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Returns features mu, logvar [B, K, F] and the glimpses [B, K, 3, g, g]."""
-        B, K, _ = position.shape
-        glimpses = crop(x, position, torch.sigmoid(scale), self.glimpse)
-        out = self.features_head(self.embed(glimpses.flatten(0, 1))).view(B, K, -1)
-        mu, logvar = out.chunk(2, -1)
-        return mu, logvar, glimpses
+        glimpses = self.crop(x, position, scale)
+        return (*self.describe(glimpses), glimpses)
 
 
 @dataclass
 class FrameEncoding:
-    particles: Particles     # per-frame posterior [B, K, ...] (no background yet)
+    particles: Particles     # per-frame posterior [B, K, ...] (no background; no features if not described)
     glimpses: Tensor         # appearance glimpses [B, K, 3, g, g]: tracking template, warm-up target
 
 
@@ -122,14 +129,15 @@ def encode_frame(attr_enc: AttributeEncoder, app_enc: AppearanceEncoder, x: Tens
                  anchors_init: Tensor, n_particles: int, anchor_s: float, *,
                  deterministic: bool, warmup: bool, noisy: bool,
                  prev_glimpses: Optional[Tensor] = None, prev_scale: Optional[Tensor] = None,
-                 refine: bool = True) -> FrameEncoding:
+                 refine: bool = True, describe: bool = True) -> FrameEncoding:
     """Posterior particles of one frame.
 
     refine=True (single images, first video frame): a first attribute pass moves the proposals to
     refined anchors z_a, and a second pass at z_a (with the first pass's scale) gives the
     attributes. refine=False (tracking, t > 0): the anchors are the previous positions and the
     previous glimpses/scale condition a single pass. In warm-up/noisy epochs the tracking inputs
-    are dropped.
+    are dropped. describe=False stops after cropping the appearance glimpses: the caller runs the
+    appearance CNN later (`add_features`), e.g. once for all frames of a clip.
     """
     anchor = anchors_init[:, :n_particles]
     if warmup or noisy:
@@ -156,12 +164,21 @@ def encode_frame(attr_enc: AttributeEncoder, app_enc: AppearanceEncoder, x: Tens
     if warmup:   # the anchor keeps its graph: the Chamfer-KL still trains the prior in warm-up
         position, scale = position.detach(), scale.detach()
 
-    feat_mu, feat_logvar, glimpses = app_enc(x, position, scale.detach())
-    features = reparameterize(feat_mu, feat_logvar, deterministic)
+    glimpses = app_enc.crop(x, position, scale.detach())
     particles = Particles(
-        position=position, scale=scale, depth=depth, transparency=transparency, features=features,
+        position=position, scale=scale, depth=depth, transparency=transparency, features=None,
         position_mu=position_mu, position_logvar=attrs.offset_logvar, anchor=anchor,
         offset_mu=attrs.offset_mu, scale_mu=attrs.scale_mu, scale_logvar=attrs.scale_logvar,
         depth_mu=attrs.depth_mu, depth_logvar=attrs.depth_logvar, transparency_a=a,
-        transparency_b=b, features_mu=feat_mu, features_logvar=feat_logvar)
+        transparency_b=b)
+    if describe:
+        particles = add_features(app_enc, particles, glimpses, deterministic)
     return FrameEncoding(particles, glimpses)
+
+
+def add_features(app_enc: AppearanceEncoder, particles: Particles, glimpses: Tensor,
+                 deterministic: bool) -> Particles:
+    """Particles with their appearance features, from their glimpses (any leading dims)."""
+    mu, logvar = app_enc.describe(glimpses)
+    return particles.replace(features=reparameterize(mu, logvar, deterministic),
+                             features_mu=mu, features_logvar=logvar)

@@ -15,7 +15,8 @@ from torch import Tensor, nn
 
 from .config import Config
 from .decoder import Background, Foreground, GlimpseDecoder, stitch
-from .encoder import AppearanceEncoder, AttributeEncoder, FrameEncoding, encode_frame, reparameterize
+from .encoder import (AppearanceEncoder, AttributeEncoder, FrameEncoding, add_features, encode_frame,
+                      reparameterize)
 from .nn.blocks import init_conv_weights
 from .particles import Particles
 from .pint import PINT
@@ -82,12 +83,14 @@ class ParticleModel(nn.Module):
         return kp
 
     def _encode(self, x: Tensor, anchors: Tensor, *, deterministic: bool, warmup: bool, noisy: bool,
-                prev: Optional[FrameEncoding] = None, refine: bool = True) -> FrameEncoding:
+                prev: Optional[FrameEncoding] = None, refine: bool = True,
+                describe: bool = True) -> FrameEncoding:
         return encode_frame(
             self.attribute_encoder, self.appearance_encoder, x, anchors, self.config.n_kp_enc,
             self.config.anchor_s, deterministic=deterministic, warmup=warmup, noisy=noisy,
             prev_glimpses=None if prev is None else prev.glimpses.detach(),
-            prev_scale=None if prev is None else prev.particles.scale.detach(), refine=refine)
+            prev_scale=None if prev is None else prev.particles.scale.detach(), refine=refine,
+            describe=describe)
 
     def decode_foreground(self, p: Particles, noisy: bool = False) -> Foreground:
         """Stitched particles for particles of any leading shape."""
@@ -157,7 +160,9 @@ class ParticleModel(nn.Module):
         ns = min(proposal_frames or self.config.num_static_frames, T)
         heuristic = "random" if (warmup or noisy) and proposal_frames else None
         kp = self.propose(_flat(x[:, :ns], 2), train_prior, heuristic).view(B, ns, -1, 2)
-        flags = dict(deterministic=deterministic, warmup=warmup, noisy=noisy)
+        # Tracking needs each frame's positions and glimpses before the next frame; the
+        # appearance features do not, so their CNN runs once over all frames afterwards.
+        flags = dict(deterministic=deterministic, warmup=warmup, noisy=noisy, describe=False)
         frames = [self._encode(x[:, 0], kp[:, 0], **flags)]
         for t in range(1, T):
             prev = frames[-1]
@@ -165,8 +170,10 @@ class ParticleModel(nn.Module):
                                        refine=False, **flags))
         kp = kp.detach()
         kp = torch.cat([kp, kp[:, -1:].expand(B, T - ns, -1, -1)], 1)
-        particles = Particles.stack([f.particles for f in frames])
-        return particles, kp, torch.stack([f.glimpses for f in frames], 1)
+        glimpses = torch.stack([f.glimpses for f in frames], 1)            # [B, T, K, 3, g, g]
+        particles = add_features(self.appearance_encoder, Particles.stack([f.particles for f in frames]),
+                                 glimpses, deterministic)
+        return particles, kp, glimpses
 
     def _encode_frames_independently(self, x: Tensor, **flags) -> tuple[Particles, Tensor, Tensor]:
         """The "no tracking" ablation: each frame gets its own proposals and DLP encoding, so a
