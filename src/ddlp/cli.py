@@ -154,8 +154,8 @@ def cmd_train(args) -> int:
 
 def cmd_quickstart(args) -> int:
     from .quickstart import run
-    run(out_dir=args.out, data_dir=args.data, minutes=args.minutes, train_episodes=args.episodes,
-        seed=args.seed, workers=args.workers)
+    run(out_dir=args.out, data_dir=args.data, minutes=args.minutes, prior_minutes=args.prior_minutes,
+        train_episodes=args.episodes, seed=args.seed, workers=args.workers)
     return 0
 
 
@@ -216,7 +216,10 @@ def build_parser() -> argparse.ArgumentParser:
                        "evaluate and write a prediction GIF")
     p.add_argument("--out", default="runs/quickstart")
     p.add_argument("--data", default="data/balls", help="where the generated data go")
-    p.add_argument("--minutes", type=float, default=14.5, help="training time budget in minutes (default 14.5)")
+    p.add_argument("--minutes", type=float, default=14.5, help="training time budget in minutes, "
+                   "PINT-only tuning included (default 14.5)")
+    p.add_argument("--prior-minutes", type=float, default=2.0, help="the last part of --minutes, spent "
+                   "training PINT alone on the frozen encoder (default 2)")
     p.add_argument("--episodes", type=int, default=300, help="training episodes to generate")
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)

@@ -51,8 +51,8 @@ def evaluate_rollouts(model: DDLP, episodes, cond: int, horizon: int) -> dict:
 
 def run(out_dir: str = "runs/quickstart", data_dir: str = "data/balls", minutes: float = 14.5,
         train_episodes: int = 300, eval_episodes: int = 16, horizon: int = 24, seed: int = 0,
-        workers: int = 1, max_steps: int | None = None, prior_minutes: float = 1.5,
-        prior_steps: int = 3000, grad_clip: float | None = 1000.0, progress: bool = True,
+        workers: int = 1, max_steps: int | None = None, prior_minutes: float = 2.0,
+        prior_steps: int = 3000, prior_clips: int = 1024, grad_clip: float | None = 1000.0, progress: bool = True,
         **overrides) -> dict:
     """Everything the README's main command does. `overrides` change the balls_small config.
 
@@ -79,7 +79,7 @@ def run(out_dir: str = "runs/quickstart", data_dir: str = "data/balls", minutes:
         grad_clip=grad_clip, progress=progress))
     trainer.train()
     model = ParticleModel.from_pretrained(out / "best") if (out / "best").is_dir() else trainer.model
-    prior = tune_prior(model, train_set, steps=prior_steps, max_minutes=prior_minutes, reset=True,
+    prior = tune_prior(model, train_set, steps=prior_steps, clips=prior_clips, max_minutes=prior_minutes, reset=True,
                        seed=seed, progress=progress)
     save_pretrained(model, out / "best")
     train_time = time.time() - t0
