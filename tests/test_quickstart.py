@@ -24,3 +24,7 @@ def test_quickstart_writes_metrics_and_gif(tmp_path):
     gif = Image.open(tmp_path / "run" / "prediction.gif")
     assert gif.n_frames >= 2 and gif.width > gif.height      # ground truth beside prediction
     assert (tmp_path / "run" / "figures").is_dir()
+    # the joint phase ran without the dynamics KL, PINT was tuned on it, the model keeps the preset's
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["beta_dyn"] == 0
+    assert json.loads((tmp_path / "run" / "best" / "config.json").read_text())["beta_dyn"] == 0.1
+    assert saved["prior_loss_after"] > 0
