@@ -27,8 +27,10 @@ def evaluate_rollouts(model: DDLP, episodes, cond: int, horizon: int) -> dict:
     """Scores of deterministic rollouts conditioned on `cond` frames and predicting `horizon` more,
     with the evaluation module (ddlp.evaluate): per-frame PSNR / SSIM of the predictions (mean and
     std over all episode-frame pairs, as the paper), MED of particles matched one-to-one to the
-    balls at the first predicted frame (in image-side units, and in pixels), and the PSNR of the
-    mean squared error of the reconstructed and predicted frames."""
+    balls at the first predicted frame (in image-side units, and in pixels). Reconstruction PSNR
+    of the conditioning frames per frame and averaged, as the paper (and `psnr`, and `ddlp
+    evaluate`); the `*_pooled` / `pred_psnr` values are the PSNR of the mean squared error over
+    all frames, lower when a few frames are much worse than the rest."""
     from torch.utils.data import DataLoader
 
     from .evaluate import Protocol, score_rollouts
@@ -40,7 +42,8 @@ def evaluate_rollouts(model: DDLP, episodes, cond: int, horizon: int) -> dict:
     pred_mse = scores.pred["mse"].double()
     med = med_summary(scores.med)
     err_px = scores.med.double().mean(0) * model.config.image_size
-    return dict(recon_psnr=float(db(scores.cond["mse"].double().mean())), pred_psnr=float(db(pred_mse.mean())),
+    return dict(recon_psnr=float(scores.cond["psnr"].double().mean()),
+                recon_psnr_pooled=float(db(scores.cond["mse"].double().mean())), pred_psnr=float(db(pred_mse.mean())),
                 pred_psnr_per_step=db(pred_mse.mean(0)).tolist(),
                 position_error_px=float(err_px.mean()), position_error_px_first10=float(err_px[:10].mean()),
                 position_error_px_per_step=err_px.tolist(), episodes=scores.videos,
@@ -52,17 +55,20 @@ def evaluate_rollouts(model: DDLP, episodes, cond: int, horizon: int) -> dict:
 def run(out_dir: str = "runs/quickstart", data_dir: str = "data/balls", minutes: float = 14.5,
         train_episodes: int = 300, eval_episodes: int = 16, horizon: int = 24, seed: int = 0,
         workers: int = 1, max_steps: int | None = None, prior_minutes: float = 2.0,
-        prior_steps: int = 3000, prior_clips: int = 1024, joint_beta_dyn: float = 0.0,
+        prior_steps: int = 3000, prior_clips: int = 1024, joint_beta_dyn: float = 0.02,
+        gif_episodes: int = 4,
         grad_clip: float | None = 1000.0, progress: bool = True,
         **overrides) -> dict:
     """Everything the README's main command does. `overrides` change the balls_small config.
 
     The budget of `minutes` is split: joint training, then up to `prior_minutes` (at most
     `prior_steps` steps) of PINT alone on the frozen encoder's posteriors (ddlp.prior_tuning).
-    The joint phase weighs the dynamics KL by `joint_beta_dyn` (default 0): a PINT that cannot
-    predict yet only holds the appearance features back (validation PSNR at step 1400, two seeds:
-    28.4 and 26.7 dB without it, 20.2 and 27.4 dB with the preset's 0.1), and PINT is trained
-    afterwards anyway. The saved config keeps the preset's beta_dyn.
+    The joint phase weighs the dynamics KL by `joint_beta_dyn` (default 0.02, a fifth of the
+    preset's): a PINT that cannot predict yet holds the appearance features back (validation PSNR
+    at step 1400: 20.2 / 27.4 dB with 0.1, two seeds; 25.9 with 0.02; 28.4 / 26.7 without), but
+    without it duplicate particles on one ball take turns being visible, which PINT cannot
+    predict (docs/training.md). The saved config keeps the preset's beta_dyn. The GIF shows the
+    first `gif_episodes` test episodes, one row each.
     Gradients are clipped at `grad_clip` (2-4x their typical norm of 200-550 here): with batches of
     2 at lr 2e-3 a rare spike can otherwise send the transparency head off."""
     from . import viz
@@ -78,7 +84,7 @@ def run(out_dir: str = "runs/quickstart", data_dir: str = "data/balls", minutes:
     train_set = BallsDataset(root, "train", clip_len=config.timestep_horizon + 1)
     val_set = BallsDataset(root, "val")
     joint_minutes = max(minutes - prior_minutes, 0.1)
-    print(f"training {config.n_kp_enc}-particle DDLP (dynamics KL x {joint_beta_dyn:g}) for up to {joint_minutes:g} min, then PINT alone "
+    print(f"training {config.n_kp_enc}-particle DDLP (dynamics KL weight {joint_beta_dyn:g}) for up to {joint_minutes:g} min, then PINT alone "
           f"for up to {prior_minutes:g} min ({len(train_set)} training clips of {config.timestep_horizon + 1} frames)")
     trainer = Trainer(config, train_set, val_set, TrainOptions(
         run_dir=str(out), max_minutes=joint_minutes, max_steps=max_steps, num_workers=workers,
@@ -97,11 +103,12 @@ def run(out_dir: str = "runs/quickstart", data_dir: str = "data/balls", minutes:
                    horizon=horizon, device=str(trainer.acc.device))
     atomic_write(out / "metrics.json", lambda p: Path(p).write_text(json.dumps(metrics, indent=2)))
 
-    item = episodes[0]
-    frames = item["frames"][None, : config.cond_steps + horizon]
+    frames = torch.stack([e["frames"][: config.cond_steps + horizon] for e in episodes[:gif_episodes]])
     pred, particles = model.rollout(frames, horizon, config.cond_steps)
-    imgs = viz.rollout_frames(frames[0], pred[0].clamp(0, 1), particles[0], cond_steps=config.cond_steps)
-    viz.save_video(imgs, out / "prediction.gif")
+    rows = [viz.rollout_frames(frames[i], pred[i].clamp(0, 1), particles[i], cond_steps=config.cond_steps)
+            for i in range(len(frames))]
+    viz.save_video([viz.grid([[row[t]] for row in rows], pad=0) for t in range(len(rows[0]))],
+                   out / "prediction.gif")
     print(json.dumps({k: v for k, v in metrics.items() if not isinstance(v, list)}, indent=2))
     print(f"wrote {out / 'prediction.gif'} and {out / 'metrics.json'} ({(time.time() - t0) / 60:.1f} min)")
     print(f"the paper's protocol (Balls: 10 -> 50 frames, MED10, PSNR/SSIM/LPIPS): "
