@@ -12,7 +12,7 @@ TINY = dict(enc_channels=[8, 16, 16], prior_channels=[8, 8, 16], n_kp_enc=3, n_k
 
 def test_quickstart_writes_metrics_and_gif(tmp_path):
     metrics = run(out_dir=str(tmp_path / "run"), data_dir=str(tmp_path / "data"), minutes=5,
-                  train_episodes=2, eval_episodes=2, horizon=4, workers=0, max_steps=3, prior_steps=4,
+                  train_episodes=2, eval_episodes=2, horizon=4, workers=0, max_steps=3, prior_steps=4, joint_beta_dyn=0.02,
                   progress=False, **TINY)
     for split in ("train", "val", "test"):
         assert (tmp_path / "data" / f"{split}.hdf5").is_file()
@@ -26,7 +26,7 @@ def test_quickstart_writes_metrics_and_gif(tmp_path):
     # one row per test episode (2 here), ground truth beside prediction in each: 280 x 2*156 px
     assert gif.n_frames >= 2 and gif.width < gif.height < 1.5 * gif.width, gif.size
     assert (tmp_path / "run" / "figures").is_dir()
-    # the joint phase ran with a fifth of the dynamics KL, PINT was tuned on the preset's weight,
+    # the joint phase ran with the given dynamics-KL weight, PINT was tuned on the preset's,
     # which the saved model keeps
     assert json.loads((tmp_path / "run" / "config.json").read_text())["beta_dyn"] == 0.02
     assert json.loads((tmp_path / "run" / "best" / "config.json").read_text())["beta_dyn"] == 0.1

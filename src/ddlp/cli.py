@@ -155,7 +155,7 @@ def cmd_train(args) -> int:
 def cmd_quickstart(args) -> int:
     from .quickstart import run
     run(out_dir=args.out, data_dir=args.data, minutes=args.minutes, prior_minutes=args.prior_minutes,
-        train_episodes=args.episodes, seed=args.seed, workers=args.workers)
+        joint_beta_dyn=args.joint_beta_dyn, train_episodes=args.episodes, seed=args.seed, workers=args.workers)
     return 0
 
 
@@ -220,6 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "PINT-only tuning included (default 14.5)")
     p.add_argument("--prior-minutes", type=float, default=2.0, help="the last part of --minutes, spent "
                    "training PINT alone on the frozen encoder (default 2)")
+    p.add_argument("--joint-beta-dyn", type=float, help="dynamics-KL weight of the joint phase "
+                   "(default: the preset's 0.1); see docs/training.md")
     p.add_argument("--episodes", type=int, default=300, help="training episodes to generate")
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
