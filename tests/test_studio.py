@@ -30,8 +30,8 @@ HORIZON = 6
 
 @pytest.fixture(scope="module")
 def model():
-    torch.manual_seed(0)
-    return build_model(Config.preset("balls_small")).eval()
+    torch.manual_seed(0)     # four particles, as the messages and counts below expect
+    return build_model(Config.preset("balls_small", n_kp_enc=4, n_kp_prior=10, topk=4)).eval()
 
 
 @pytest.fixture(scope="module")
