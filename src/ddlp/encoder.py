@@ -107,16 +107,11 @@ class AppearanceEncoder(GlimpseEncoder):
         """Glimpses [B, K, 3, g, g] at the particles (scale pre-sigmoid)."""
         return crop(x, position, torch.sigmoid(scale), self.glimpse)
 
-    def describe(self, glimpses: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, glimpses: Tensor) -> tuple[Tensor, Tensor]:
         """Glimpses [..., K, 3, g, g] -> features mu, logvar [..., K, F]."""
         out = self.features_head(self.embed(glimpses.flatten(0, -4)))
         mu, logvar = out.view(*glimpses.shape[:-3], -1).chunk(2, -1)
         return mu, logvar
-
-    def forward(self, x: Tensor, position: Tensor, scale: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Returns features mu, logvar [B, K, F] and the glimpses [B, K, 3, g, g]."""
-        glimpses = self.crop(x, position, scale)
-        return (*self.describe(glimpses), glimpses)
 
 
 @dataclass
@@ -179,6 +174,6 @@ def encode_frame(attr_enc: AttributeEncoder, app_enc: AppearanceEncoder, x: Tens
 def add_features(app_enc: AppearanceEncoder, particles: Particles, glimpses: Tensor,
                  deterministic: bool) -> Particles:
     """Particles with their appearance features, from their glimpses (any leading dims)."""
-    mu, logvar = app_enc.describe(glimpses)
+    mu, logvar = app_enc(glimpses)
     return particles.replace(features=reparameterize(mu, logvar, deterministic),
                              features_mu=mu, features_logvar=logvar)

@@ -73,10 +73,9 @@ def tune_prior(model: DDLP, dataset: Dataset, *, steps: int = 2000, batch_size: 
                clips: int = 512, lr: float = 1e-3, bias_lr: float = 0.01, reset: bool = False,
                seed: int = 0, max_minutes: Optional[float] = None, progress: bool = True) -> dict:
     """Optimise `model.pint` on the dynamics KL of frozen-encoder posteriors; the rest of the model
-    is left untouched. `reset` starts PINT from fresh weights, initialised by
-    `start_from_stand_still` (a PINT stuck predicting "stand still" learns the motion more slowly
-    than a new one). Returns the loss before and after, and
-    the steps taken."""
+    is left untouched. `reset` replaces PINT by fresh weights set up by `start_from_stand_still`
+    (a trained PINT stuck predicting "stand still" learns the motion more slowly than a new one).
+    Returns the loss before and after, and the steps taken."""
     c = model.config
     if not isinstance(model, DDLP):
         raise TypeError("tune_prior needs a DDLP model (it trains the PINT prior)")

@@ -43,7 +43,8 @@ def evaluate_rollouts(model: DDLP, episodes, cond: int, horizon: int) -> dict:
     med = med_summary(scores.med)
     err_px = scores.med.double().mean(0) * model.config.image_size
     return dict(recon_psnr=float(scores.cond["psnr"].double().mean()),
-                recon_psnr_pooled=float(db(scores.cond["mse"].double().mean())), pred_psnr=float(db(pred_mse.mean())),
+                recon_psnr_pooled=float(db(scores.cond["mse"].double().mean())),
+                pred_psnr=float(db(pred_mse.mean())),
                 pred_psnr_per_step=db(pred_mse.mean(0)).tolist(),
                 position_error_px=float(err_px.mean()), position_error_px_first10=float(err_px[:10].mean()),
                 position_error_px_per_step=err_px.tolist(), episodes=scores.videos,
@@ -56,8 +57,7 @@ def run(out_dir: str = "runs/quickstart", data_dir: str = "data/balls", minutes:
         train_episodes: int = 300, eval_episodes: int = 16, horizon: int = 24, seed: int = 0,
         workers: int = 1, max_steps: int | None = None, prior_minutes: float = 2.0,
         prior_steps: int = 3000, prior_clips: int = 1024, joint_beta_dyn: float | None = None,
-        gif_episodes: int = 4,
-        grad_clip: float | None = 1000.0, progress: bool = True,
+        gif_episodes: int = 4, grad_clip: float | None = 1000.0, progress: bool = True,
         **overrides) -> dict:
     """Everything the README's main command does. `overrides` change the balls_small config.
 
@@ -85,16 +85,17 @@ def run(out_dir: str = "runs/quickstart", data_dir: str = "data/balls", minutes:
     train_set = BallsDataset(root, "train", clip_len=config.timestep_horizon + 1)
     val_set = BallsDataset(root, "val")
     joint_minutes = max(minutes - prior_minutes, 0.1)
-    print(f"training {config.n_kp_enc}-particle DDLP (dynamics KL weight {config.beta_dyn:g}) for up to {joint_minutes:g} min, then PINT alone "
-          f"for up to {prior_minutes:g} min ({len(train_set)} training clips of {config.timestep_horizon + 1} frames)")
+    print(f"training {config.n_kp_enc}-particle DDLP (dynamics KL weight {config.beta_dyn:g}) for up to "
+          f"{joint_minutes:g} min, then PINT alone for up to {prior_minutes:g} min ({len(train_set)} "
+          f"training clips of {config.timestep_horizon + 1} frames)")
     trainer = Trainer(config, train_set, val_set, TrainOptions(
         run_dir=str(out), max_minutes=joint_minutes, max_steps=max_steps, num_workers=workers,
         grad_clip=grad_clip, progress=progress))
     trainer.train()
     model = ParticleModel.from_pretrained(out / "best") if (out / "best").is_dir() else trainer.model
     model.config.beta_dyn = beta_dyn                # tune_prior's loss is the weighted dynamics KL
-    prior = tune_prior(model, train_set, steps=prior_steps, clips=prior_clips, max_minutes=prior_minutes, reset=True,
-                       seed=seed, progress=progress)
+    prior = tune_prior(model, train_set, steps=prior_steps, clips=prior_clips, max_minutes=prior_minutes,
+                       reset=True, seed=seed, progress=progress)
     save_pretrained(model, out / "best")
     train_time = time.time() - t0
     test = BallsDataset(root, "test")
