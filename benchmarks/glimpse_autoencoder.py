@@ -28,6 +28,8 @@ from torch import nn
 
 from ddlp.config import Config
 from ddlp.data.balls import generate_split
+from ddlp.losses import gaussian_kl, pixel_sse
+from ddlp.metrics.med import xy_to_particles
 from ddlp.model import build_model
 from ddlp.nn.glimpse import crop
 
@@ -36,9 +38,8 @@ def ball_glimpses(n_episodes: int, size: int, anchor_s: float, seed: int) -> tor
     """Glimpses [N, 3, size, size] centred on every ball of every frame."""
     data = generate_split(n_episodes, split_seed=seed, seqlen=20)
     frames = torch.from_numpy(data["imgs"]).flatten(0, 1).permute(0, 3, 1, 2).float() / 255
-    px = torch.from_numpy(data["positions"]).flatten(0, 1)                     # (x, y) pixels
     side = frames.shape[-1]
-    row_col = ((px.flip(-1) - 0.5) / (side - 1) * 2 - 1).float()
+    row_col = xy_to_particles(torch.from_numpy(data["positions"]).flatten(0, 1) / side, side).float()
     return crop(frames, row_col, torch.full_like(row_col, anchor_s), size).flatten(0, 1)
 
 
@@ -80,8 +81,8 @@ def train(variant: str, config: Config, train_set: torch.Tensor, test_set: torch
         g = train_set[torch.randint(len(train_set), (per_step,))]
         mu, logvar = features(g)
         z = mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
-        rec = ((decoder(z)[:, 1:] - g) ** 2).sum() / images_per_step
-        kl = -0.5 * (1 + logvar - mu ** 2 - logvar.exp()).sum() / images_per_step
+        rec = pixel_sse(decoder(z)[:, 1:], g).sum() / images_per_step
+        kl = gaussian_kl(mu, logvar, 0.0, 0.0).sum() / images_per_step
         opt.zero_grad()
         (rec + config.beta_kl * kl).backward()
         opt.step()
