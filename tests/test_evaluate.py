@@ -189,3 +189,33 @@ def test_bad_inputs_give_clear_messages(setup, tmp_path, capsys):
     assert "clips have 24 frames, fewer than the 50" in err
     assert "must exceed cond" in _error(capsys, run, "--data.root", data, "--cond", 8, "--horizon", 8)
     assert "not found" in _error(capsys, run, "--data.root", tmp_path / "missing")
+
+
+def test_baselines_are_scored_beside_the_model(setup, tmp_path, capsys):
+    root, data = setup
+    rc = main(["evaluate", str(root / "run"), "--data.root", str(data), "--cond", "4", "--horizon", "14",
+               "--baselines", "--no-lpips", "--no-progress", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert rc == 0 and "baseline stand_still: MED10" in out and "baseline ground_truth_constant_velocity" in out
+    saved = json.loads((tmp_path / "balls_test_metrics.json").read_text())
+    b = saved["metrics"]["baselines"]
+    assert set(b) == {"stand_still", "constant_velocity", "ground_truth_stand_still",
+                      "ground_truth_constant_velocity"}
+    assert "psnr" in b["stand_still"] and "psnr" not in b["ground_truth_stand_still"]   # no frames to score
+    for name, v in b.items():
+        assert len(v["med"]["per_step"]) == 10 and saved["summary"][f"med10_{name}"] == v["med"]["med10"]
+    # stand still from the posterior: the model's own decoder repeats the last reconstruction
+    model, _ = load_video_model(root / "run")
+    clips = torch.stack([BallsDataset(data, "test")[i]["frames"][:14] for i in range(3)])
+    posterior = model.encode(clips[:, :4])
+    still = model.decode(posterior[:, -1:]).clamp(0, 1).expand(-1, 10, -1, -1, -1)
+    values = psnr(clips[:, 4:].flatten(0, 1), still.flatten(0, 1)).double()
+    assert b["stand_still"]["psnr"]["mean"] == pytest.approx(values.mean().item(), abs=1e-5)
+    # the true positions' stand-still error at step k is the distance moved in k frames
+    test = BallsDataset(data, "test")
+    xy = torch.stack([test[i]["positions_px"][:14] for i in range(3)]) / 64
+    moved = (xy[:, 4:] - xy[:, 3:4]).norm(dim=-1).mean(-1).mean(0)
+    assert b["ground_truth_stand_still"]["med"]["per_step"] == pytest.approx(moved.tolist(), abs=1e-9)
+    rows = list(csv.DictReader((tmp_path / "balls_test_per_step.csv").open()))
+    assert [float(r["med_constant_velocity"]) for r in rows] == pytest.approx(b["constant_velocity"]["med"]["per_step"])
+    assert Image.open(tmp_path / "balls_test_per_step.png").height > 100

@@ -24,7 +24,7 @@ from torch import Tensor
 
 from .checkpoint import CONFIG, WEIGHTS, atomic_write
 from .config import Config
-from .metrics import LPIPS, med_errors, med_summary, particles_to_xy, psnr, ssim
+from .metrics import LPIPS, ground_truth_xy, med_errors, med_summary, particles_to_xy, psnr, ssim
 
 # (conditioning frames, total frames H) of the paper's test tables, per dataset name.
 PAPER_PROTOCOLS = {"balls": (10, 50), "obj3d": (6, 50), "obj3d128": (6, 50), "clevrer": (10, 100),
@@ -215,6 +215,7 @@ class Scores:
     med: Optional[Tensor] = None                              # [N, med_H - c] per-step errors
     fvd: Optional[dict] = None
     videos: int = 0
+    baselines: dict[str, "Scores"] = field(default_factory=dict)   # predictor name -> its scores
 
 
 def _frames(batch) -> Tensor:
@@ -238,62 +239,84 @@ def image_scores(pred: Tensor, gt: Tensor, lpips: Optional[LPIPS] = None) -> dic
     return {k: torch.cat(v).float().cpu() for k, v in out.items()}
 
 
-def _ground_truth_xy(batch, frames: int, image_size: int) -> Optional[tuple[Tensor, Tensor]]:
-    """Ball centres (x, y) in image-side units [B, T, O, 2] and visibility [B, T, O], if the data
-    carry them (Balls: stored pixel positions / S; else the (row, col) [-1, 1] `positions`)."""
-    if not isinstance(batch, dict) or "in_camera" not in batch:
-        return None
-    if "positions_px" in batch:
-        xy = batch["positions_px"][:, :frames].double() / image_size
-    elif "positions" in batch:
-        xy = particles_to_xy(batch["positions"][:, :frames], image_size, "exact")
-    else:
-        return None
-    return xy, batch["in_camera"][:, :frames] > 0
+class _Collector:
+    """Accumulates one predictor's per-batch values into Scores."""
+
+    def __init__(self):
+        self.pred: dict[str, list[Tensor]] = {}
+        self.cond: dict[str, list[Tensor]] = {}
+        self.med: list[Tensor] = []
+
+    def add(self, name: str, values: Tensor, where: str = "pred") -> None:
+        getattr(self, where).setdefault(name, []).append(values)
+
+    def scores(self, videos: int) -> Scores:
+        return Scores({k: torch.cat(v) for k, v in self.pred.items()},
+                      {k: torch.cat(v) for k, v in self.cond.items()},
+                      torch.cat(self.med) if self.med else None, None, videos)
+
+
+def _med_of(xy: Tensor, presence: Tensor, truth: tuple[Tensor, Tensor], protocol: Protocol) -> Tensor:
+    """Per-step MED [B, med_H - c] of positions xy [B, T, K, 2] in G-SWM units."""
+    c = protocol.cond
+    match_t = c if protocol.med_match == "first_pred" else c - 1
+    return med_errors(xy, presence, *truth, match_t=match_t)[:, c:protocol.med_horizon or protocol.horizon]
 
 
 @torch.no_grad()
 def score_rollouts(model, clips: Iterable, protocol: Protocol, lpips: Optional[LPIPS] = None,
-                   med: bool = True, i3d=None, progress: bool = True, total: Optional[int] = None) -> Scores:
+                   med: bool = True, i3d=None, progress: bool = True, total: Optional[int] = None,
+                   baselines: bool = False) -> Scores:
     """Roll the model out on every batch of `clips` (dicts with "frames" [B, T, 3, S, S], or
-    tensors) and score it. MED is computed when `med` and the batches carry ball positions."""
+    tensors) and score it. MED is computed when `med` and the batches carry ball positions.
+    With `baselines`, the predictors of ddlp.baselines are scored the same way from the same
+    conditioning posterior (Scores.baselines), and, where the data carry ball positions, the same
+    predictors applied to those positions ("ground_truth_*", MED only)."""
     from tqdm.auto import tqdm
 
+    from .baselines import BASELINES, extrapolate, predict_particles
     from .metrics.fvd import i3d_features
     device = next(model.parameters()).device
     S, c, H = model.config.image_size, protocol.cond, protocol.horizon
-    pred_vals: dict[str, list[Tensor]] = {}
-    cond_vals: dict[str, list[Tensor]] = {}
-    meds: list[Tensor] = []
+    steps = protocol.total - c
+    collect: dict[str, _Collector] = {"model": _Collector()}
     feats: tuple[list[Tensor], list[Tensor]] = ([], [])
     n = 0
     for batch in tqdm(clips, desc="evaluate", unit="batch", total=total, disable=not progress):
         frames = _frames(batch)[:, :protocol.total].to(device).float()
         B = frames.shape[0]
-        out, particles = model.rollout(frames[:, :c], protocol.total - c, c, deterministic=protocol.deterministic)
-        out = out.clamp(0, 1)
         flat = lambda x: x.reshape(-1, *x.shape[2:])  # noqa: E731
-        for name, v in image_scores(flat(out[:, c:H]), flat(frames[:, c:H]), lpips).items():
-            pred_vals.setdefault(name, []).append(v.view(B, H - c))
-        rec, seen = flat(out[:, :c]), flat(frames[:, :c])
-        cond_vals.setdefault("psnr", []).append(psnr(seen, rec).cpu().view(B, c))
-        cond_vals.setdefault("mse", []).append((rec - seen).square().flatten(1).mean(1).cpu().view(B, c))
-        truth = _ground_truth_xy(batch, protocol.total, S) if med else None
-        if truth is not None:
-            med_t = protocol.med_horizon or H
-            pred_xy = particles_to_xy(particles.position.cpu(), S, protocol.med_coords)
-            match_t = c if protocol.med_match == "first_pred" else c - 1
-            errors = med_errors(pred_xy, particles.transparency.cpu(), *truth, match_t=match_t)
-            meds.append(errors[:, c:med_t])
-        if i3d is not None:
-            feats[0].append(i3d_features(i3d, frames[:, :H]))
-            feats[1].append(i3d_features(i3d, out[:, :H]))
+        posterior = model.encode(frames[:, :c], deterministic=protocol.deterministic)
+        trajectories = {"model": model.predict(posterior, steps, protocol.deterministic)}
+        if baselines:
+            trajectories.update({b: predict_particles(posterior, steps, b) for b in BASELINES})
+        truth = ground_truth_xy(batch, protocol.total, S) if med else None
+        for name, particles in trajectories.items():
+            out = model.decode(particles).clamp(0, 1)
+            acc = collect.setdefault(name, _Collector())
+            for metric, v in image_scores(flat(out[:, c:H]), flat(frames[:, c:H]), lpips).items():
+                acc.add(metric, v.view(B, H - c))
+            if truth is not None:
+                xy = particles_to_xy(particles.position.cpu(), S, protocol.med_coords)
+                acc.med.append(_med_of(xy, particles.transparency.cpu(), truth, protocol))
+            if name == "model":
+                rec, seen = flat(out[:, :c]), flat(frames[:, :c])
+                acc.add("psnr", psnr(seen, rec).cpu().view(B, c), "cond")
+                acc.add("mse", (rec - seen).square().flatten(1).mean(1).cpu().view(B, c), "cond")
+                if i3d is not None:
+                    feats[0].append(i3d_features(i3d, frames[:, :H]))
+                    feats[1].append(i3d_features(i3d, out[:, :H]))
+        if baselines and truth is not None:
+            xy, seen = truth
+            for b in BASELINES:
+                guess = extrapolate(xy[:, :c], steps, b)
+                acc = collect.setdefault(f"ground_truth_{b}", _Collector())
+                acc.med.append(_med_of(guess, seen[:, :protocol.total].double(), truth, protocol))
         n += B
     if n == 0:
         raise ValueError("the evaluation set is empty")
-    scores = Scores({k: torch.cat(v) for k, v in pred_vals.items()},
-                    {k: torch.cat(v) for k, v in cond_vals.items()},
-                    torch.cat(meds) if meds else None, None, n)
+    scores = collect.pop("model").scores(n)
+    scores.baselines = {name: acc.scores(n) for name, acc in collect.items()}
     if i3d is not None:
         from .metrics import frechet_distance
         real, fake = torch.cat(feats[0]), torch.cat(feats[1])
@@ -341,7 +364,28 @@ def summarize(scores: Scores, protocol: Protocol, lpips_reason: Optional[str] = 
                                           "note": "conditioning frames (not part of the protocol)"}
     if scores.fvd is not None:
         metrics["fvd"] = scores.fvd
+    if scores.baselines:
+        metrics["baselines"] = {name: _baseline_metrics(name, b) for name, b in scores.baselines.items()}
     return metrics
+
+
+BASELINE_NOTES = {
+    "stand_still": "the last conditioning frame's posterior particles repeated",
+    "constant_velocity": "posterior positions extrapolated from the last two conditioning frames "
+                         "(other attributes repeated)",
+    "ground_truth_stand_still": "the true ball positions of the last conditioning frame repeated (MED only)",
+    "ground_truth_constant_velocity": "the true ball positions extrapolated from the last two conditioning "
+                                      "frames (MED only)",
+}
+
+
+def _baseline_metrics(name: str, scores: Scores) -> dict:
+    """What a baseline predictor scored: mean, std and per-step curve of each metric computed."""
+    out: dict = {"predictor": BASELINE_NOTES.get(name, name)}
+    out.update({m: _stats(v) for m, v in scores.pred.items() if m in ("psnr", "ssim", "lpips")})
+    if scores.med is not None:
+        out["med"] = med_summary(scores.med)
+    return out
 
 
 def flat_summary(metrics: dict) -> dict:
@@ -353,6 +397,11 @@ def flat_summary(metrics: dict) -> dict:
             out[name], out[f"{name}_std"] = m["mean"], m["std"]
     if metrics.get("med", {}).get("med10") is not None:
         out["med10"] = metrics["med"]["med10"]
+    for name, b in metrics.get("baselines", {}).items():
+        if b.get("med", {}).get("med10") is not None:
+            out[f"med10_{name}"] = b["med"]["med10"]
+        if "psnr" in b:
+            out[f"psnr_{name}"] = b["psnr"]["mean"]
     if "fvd" in metrics:
         out["fvd"] = metrics["fvd"]["value"]
     return out
@@ -373,9 +422,19 @@ def _finite(x):
 CURVES = ("psnr", "ssim", "lpips", "med")
 
 
-def curve_rows(metrics: dict, cond: int) -> list[dict]:
-    """One row per prediction step k = 1.. (frame t = cond + k - 1): every metric's mean and std."""
+def _curves(metrics: dict) -> dict[str, dict]:
+    """Column name -> a metric's summary with a per-step curve: the model's ("psnr", ...) and
+    each baseline's ("psnr_stand_still", ...)."""
     curves = {m: metrics[m] for m in CURVES if "per_step" in metrics.get(m, {})}
+    for baseline, b in metrics.get("baselines", {}).items():
+        curves.update({f"{m}_{baseline}": b[m] for m in CURVES if "per_step" in b.get(m, {})})
+    return curves
+
+
+def curve_rows(metrics: dict, cond: int) -> list[dict]:
+    """One row per prediction step k = 1.. (frame t = cond + k - 1): every metric's mean and std,
+    then the baselines' means."""
+    curves = _curves(metrics)
     steps = max((len(v["per_step"]) for v in curves.values()), default=0)
     rows = []
     for k in range(steps):
@@ -406,34 +465,57 @@ def _font(size: int) -> ImageFont.ImageFont:
         return ImageFont.load_default()
 
 
-def _panel(name: str, mean: list[float], std: Optional[list[float]], x0: int, w: int = 340,
-           h: int = 230) -> Image.Image:
-    """One line chart: mean against prediction step with a +-1 std band."""
+@dataclass
+class Series:
+    """One line of a chart: per-step means (and an optional +-1 std band)."""
+    label: str
+    mean: list
+    std: Optional[list] = None
+    colour: tuple = (30, 80, 200)
+
+
+# The model in blue with its std band; each baseline in a colour of its own, without a band.
+SERIES_COLOURS = {"model": (30, 80, 200), "stand_still": (200, 60, 40), "constant_velocity": (230, 150, 20),
+                  "ground_truth_stand_still": (150, 90, 160), "ground_truth_constant_velocity": (60, 160, 90)}
+
+
+def _finite_points(series: Series, x0: int) -> list[tuple[int, float, Optional[float]]]:
+    std = series.std or [None] * len(series.mean)
+    return [(k, m, s if s is not None and math.isfinite(s) else None)
+            for k, (m, s) in enumerate(zip(series.mean, std), start=x0) if m is not None and math.isfinite(m)]
+
+
+def _panel(name: str, series: list[Series], x0: int = 1, w: int = 340, h: int = 230) -> Image.Image:
+    """One line chart: each series' mean against the prediction step, with its +-1 std band;
+    a legend when there is more than one series."""
     img = Image.new("RGB", (w, h), "white")
     draw = ImageDraw.Draw(img, "RGBA")
     left, right, top, bottom = 52, 10, 24, 32
-    pts = [(k, m, s) for k, (m, s) in enumerate(zip(mean, std or [None] * len(mean)), start=x0)
-           if m is not None and math.isfinite(m)]
+    lines = [(s, _finite_points(s, x0)) for s in series]
+    lines = [(s, pts) for s, pts in lines if pts]
     draw.text((w // 2, 4), f"{name.upper()} per prediction step", fill="black", font=_font(12), anchor="mt")
     draw.rectangle([left, top, w - right, h - bottom], outline=(120, 120, 120))
-    if not pts:
+    if not lines:
         draw.text((w // 2, h // 2), "no finite values", fill="gray", font=_font(11), anchor="mm")
         return img
-    lo = min(m - (s if s is not None and math.isfinite(s) else 0) for _, m, s in pts)
-    hi = max(m + (s if s is not None and math.isfinite(s) else 0) for _, m, s in pts)
+    every = [p for _, pts in lines for p in pts]
+    lo = min(m - (s or 0) for _, m, s in every)
+    hi = max(m + (s or 0) for _, m, s in every)
     lo, hi = (lo - 0.5, hi + 0.5) if hi - lo < 1e-12 else (lo, hi)
-    k0, k1 = pts[0][0], max(pts[-1][0], pts[0][0] + 1)
+    k0 = min(k for k, _, _ in every)
+    k1 = max(max(k for k, _, _ in every), k0 + 1)
     X = lambda k: left + (k - k0) / (k1 - k0) * (w - left - right)  # noqa: E731
     Y = lambda v: h - bottom - (v - lo) / (hi - lo) * (h - top - bottom)  # noqa: E731
-    band = [(k, m, s) for k, m, s in pts if s is not None and math.isfinite(s)]
-    if len(band) > 1:
-        poly = [(X(k), Y(m + s)) for k, m, s in band] + [(X(k), Y(m - s)) for k, m, s in reversed(band)]
-        draw.polygon(poly, fill=(30, 100, 200, 50))
-    line = [(X(k), Y(m)) for k, m, _ in pts]
-    if len(line) > 1:
-        draw.line(line, fill=(30, 80, 200), width=2)
-    else:
-        draw.ellipse([line[0][0] - 2, line[0][1] - 2, line[0][0] + 2, line[0][1] + 2], fill=(30, 80, 200))
+    for s, pts in lines:
+        band = [(k, m, sd) for k, m, sd in pts if sd is not None]
+        if len(band) > 1:
+            poly = [(X(k), Y(m + sd)) for k, m, sd in band] + [(X(k), Y(m - sd)) for k, m, sd in reversed(band)]
+            draw.polygon(poly, fill=(*s.colour, 50))
+        line = [(X(k), Y(m)) for k, m, _ in pts]
+        if len(line) > 1:
+            draw.line(line, fill=s.colour, width=2)
+        else:
+            draw.ellipse([line[0][0] - 2, line[0][1] - 2, line[0][0] + 2, line[0][1] + 2], fill=s.colour)
     font = _font(10)
     for i in range(5):
         v = lo + (hi - lo) * i / 4
@@ -441,13 +523,26 @@ def _panel(name: str, mean: list[float], std: Optional[list[float]], x0: int, w:
         k = round(k0 + (k1 - k0) * i / 4)
         draw.text((X(k), h - bottom + 4), str(k), fill="black", font=font, anchor="mt")
     draw.text((w // 2, h - 4), "prediction step (1 = first predicted frame)", fill="black", font=font, anchor="mb")
+    if len(lines) > 1:
+        for i, (s, _) in enumerate(lines):
+            y = top + 4 + 11 * i
+            draw.line([(left + 6, y + 5), (left + 18, y + 5)], fill=s.colour, width=2)
+            draw.text((left + 22, y), s.label.replace("_", " "), fill="black", font=_font(9))
     return img
 
 
 def plot_curves(metrics: dict, title: str) -> Image.Image:
-    """A row of line charts, one per metric with a per-step curve."""
-    panels = [_panel(m, metrics[m]["per_step"], metrics[m].get("per_step_std"), 1)
-              for m in CURVES if "per_step" in metrics.get(m, {})]
+    """A row of line charts, one per metric with a per-step curve: the model's with its std
+    band, and the baselines' (when evaluated) beside it."""
+    panels = []
+    for m in CURVES:
+        series = [Series("model", metrics[m]["per_step"], metrics[m].get("per_step_std"))] \
+            if "per_step" in metrics.get(m, {}) else []
+        for baseline, b in metrics.get("baselines", {}).items():
+            if "per_step" in b.get(m, {}):
+                series.append(Series(baseline, b[m]["per_step"], colour=SERIES_COLOURS.get(baseline, (90, 90, 90))))
+        if series:
+            panels.append(_panel(m, series))
     if not panels:
         panels = [Image.new("RGB", (340, 230), "white")]
     out = Image.new("RGB", (sum(p.width for p in panels), panels[0].height + 22), "white")
@@ -498,6 +593,7 @@ class EvalOptions:
     lpips_weights: Optional[str] = None
     download: bool = True
     fvd_i3d: Optional[str] = None
+    baselines: bool = False
     out_dir: Optional[str] = None
     progress: bool = True
 
@@ -554,7 +650,7 @@ def evaluate_checkpoint(path: str | Path, opts: Optional[EvalOptions] = None) ->
     if lpips is None:
         print(f"note: LPIPS unavailable: {lpips_reason}")
     scores = score_rollouts(model, loader, protocol, lpips, med=opts.med, i3d=i3d, progress=opts.progress,
-                            total=len(loader))
+                            total=len(loader), baselines=opts.baselines)
     med_reason = None if opts.med else "disabled (--no-med)"
     metrics = summarize(scores, protocol, lpips_reason, med_reason)
     from . import __version__
@@ -590,6 +686,10 @@ def format_summary(results: dict) -> str:
         lines.append(f"  MED10  {s['med10']:.4g}   (mean over all predicted steps {m['med']['med_overall']:.4g})")
     if "fvd" in s:
         lines.append(f"  FVD    {s['fvd']:.4g}   ({m['fvd']['videos']} videos)")
+    for name, b in m.get("baselines", {}).items():
+        parts = [f"MED10 {b['med']['med10']:.4g}" if b.get("med", {}).get("med10") is not None else None,
+                 f"PSNR {b['psnr']['mean']:.4g}" if "psnr" in b else None]
+        lines.append(f"  baseline {name}: " + ", ".join(p for p in parts if p))
     for who, numbers in results.get("paper", {}).items():
         lines.append(f"  paper, {who}: " + ", ".join(f"{k} {v}" for k, v in numbers.items()))
     return "\n".join(lines)

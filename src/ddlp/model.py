@@ -254,12 +254,20 @@ class DDLP(ParticleModel):
         cond = cond_steps or self.config.timestep_horizon
         if frames.ndim == 5 and frames.shape[1] < cond:
             raise ValueError(f"need at least cond_steps={cond} frames, got {frames.shape[1]}")
-        posterior = self.encode(frames[:, :cond], deterministic=deterministic)
-        history = posterior.values()
-        for _ in range(steps):
-            nxt = self.pint.step(history, deterministic).values()
-            history = Particles.cat([history, nxt.map(lambda t: t.unsqueeze(1))])
+        history = self.predict(self.encode(frames[:, :cond], deterministic=deterministic), steps, deterministic)
         return self.decode(history), history
+
+    @torch.no_grad()
+    def predict(self, history: Particles, steps: int, deterministic: bool = True) -> Particles:
+        """Extend particles [B, T, K, ...] by `steps` PINT steps: [B, T + steps, K, ...] (values
+        only). Each step sees the last timestep_horizon frames."""
+        out = [history.values()]
+        window = out[0][:, -self.pint.max_frames:]
+        for _ in range(steps):
+            nxt = self.pint.step(window, deterministic).values().map(lambda t: t.unsqueeze(1))
+            out.append(nxt)
+            window = Particles.cat([window, nxt])[:, -self.pint.max_frames:]
+        return Particles.cat(out)
 
     def what_if(self, frames: Tensor, edits, horizon: int, **kw):
         """Original and edited rollouts after editing the particles of the first frames

@@ -26,6 +26,7 @@ def cmd_evaluate(args) -> int:
                        max_videos=args.max_videos, deterministic=not args.sample, use_last=args.use_last,
                        device=args.device, lpips=not args.no_lpips, vgg_weights=args.vgg_weights,
                        lpips_weights=args.lpips_weights, download=not args.offline, fvd_i3d=args.fvd_i3d,
+                       baselines=args.baselines,
                        out_dir=args.out, progress=not args.no_progress)
     results = evaluate_checkpoint(args.checkpoint, opts)
     print(format_summary(results))
@@ -64,6 +65,9 @@ def add_parser(sub) -> None:
                    help="frame at which particles are matched to balls (default: first predicted, as G-SWM)")
     p.add_argument("--med-coords", choices=["exact", "naive"], default="exact",
                    help="particle -> G-SWM coordinate mapping (default exact: pixel centres)")
+    p.add_argument("--baselines", action="store_true",
+                   help="also score 'stand still' and 'constant velocity' predictors from the same posterior "
+                   "(and from the true positions where the data have them), in the JSON, CSV and plot")
     p.add_argument("--fvd-i3d", metavar="PATH", help="StyleGAN-V i3d_torchscript.pt: also report FVD")
     p.add_argument("--out", help="output folder (default: <run or model dir>/eval)")
     p.add_argument("--no-progress", action="store_true")

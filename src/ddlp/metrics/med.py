@@ -15,6 +15,7 @@ NaN spoils its step, as in G-SWM) and MED10 is the *sum* of the first ten step v
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import numpy as np
 import torch
@@ -39,6 +40,21 @@ def particles_to_xy(position: Tensor, image_size: int, mapping: str = "exact") -
 def xy_to_particles(xy: Tensor, image_size: int) -> Tensor:
     """Inverse of the exact mapping: (x, y) in image-side units -> (row, col) in [-1, 1]."""
     return ((xy.double() * image_size - 0.5) / (image_size - 1) * 2 - 1).flip(-1)
+
+
+def ground_truth_xy(batch, frames: int, image_size: int) -> Optional[tuple[Tensor, Tensor]]:
+    """Ball centres (x, y) in image-side units [B, T, O, 2] and visibility [B, T, O] of the first
+    `frames` frames of a batch, if it carries them (Balls: stored pixel positions / S; else the
+    (row, col) [-1, 1] `positions`); None otherwise."""
+    if not isinstance(batch, dict) or "in_camera" not in batch:
+        return None
+    if "positions_px" in batch:
+        xy = batch["positions_px"][:, :frames].double() / image_size
+    elif "positions" in batch:
+        xy = particles_to_xy(batch["positions"][:, :frames], image_size, "exact")
+    else:
+        return None
+    return xy, batch["in_camera"][:, :frames] > 0
 
 
 def linear_assignment(cost: np.ndarray) -> list[tuple[int, int]]:
