@@ -211,3 +211,32 @@ def test_gradient_clipping_bounds_the_update(tmp_path):
 def test_compile_on_cpu_fails_up_front_with_the_reason(tmp_path):
     with pytest.raises(TrainingError, match="--compile is not supported .* CPU"):
         Trainer(tiny_config(), Clips(), None, options(tmp_path, compile=True))
+
+
+def test_validation_reports_how_well_the_model_predicts(tmp_path):
+    """Per epoch: PINT's one-step error against the posterior (any data) and, where the data carry
+    ball positions, MED10 and the one-step MED, as the evaluation protocol computes them."""
+    from ddlp.data.balls import BallsDataset, write_balls
+    from ddlp.metrics import med_errors, med_summary, particles_to_xy
+    from ddlp.train import prediction_errors
+    data = write_balls(tmp_path / "balls", episodes={"train": 1, "val": 2}, seqlen=16, progress=False)
+    config = tiny_config(cond_steps=4)
+    trainer = Trainer(config, BallsDataset(data, "train", clip_len=5), BallsDataset(data, "val"), options(tmp_path))
+    metrics = trainer.evaluate()
+    assert metrics["val_pred_step1_px"] > 0 and metrics["val_med10"] > 0 and metrics["val_med_step1_px"] > 0
+    # the same numbers from first principles
+    model = trainer.model.eval()
+    val = BallsDataset(data, "val")
+    batch = {k: torch.stack([val[i][k] for i in range(2)]) for k in ("frames", "positions_px", "in_camera")}
+    posterior = model.encode(batch["frames"][:, :5])
+    pred = model.predict(posterior[:, :4], 10)
+    px = (pred.position[:, 4] - posterior.position[:, 4]).norm(dim=-1) * 63 / 2
+    w = posterior.transparency[:, 4]
+    assert metrics["val_pred_step1_px"] == pytest.approx(float(((px * w).sum(-1) / w.sum(-1)).mean()), rel=1e-5)
+    errors = med_errors(particles_to_xy(pred.position, 64), pred.transparency, batch["positions_px"][:, :14] / 64,
+                        batch["in_camera"][:, :14] > 0, match_t=4)[:, 4:]
+    assert metrics["val_med10"] == pytest.approx(med_summary(errors)["med10"], rel=1e-9)
+    assert set(prediction_errors(model, {"frames": batch["frames"]}, "cpu")) == {"step1_px"}   # no positions
+    trainer.train()
+    logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert any("val_med10" in r and "val_pred_step1_px" in r for r in logged)

@@ -176,6 +176,7 @@ class Trainer:
         self.epoch = self.step_in_epoch = self.global_step = self.iteration = 0
         self.best_val = math.inf
         self.skipped_steps = 0
+        self.last_val: dict = {}                # the latest validation metrics (progress bar)
         self.writer = None
         self.losses: list[float] = []           # per step, this process (for tests and plots)
 
@@ -261,13 +262,15 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> dict:
         """Validation ELBO (stochastic posterior, no warm-up, all future frames weighted 1) and
-        deterministic reconstruction PSNR, as the official trainer."""
+        deterministic reconstruction PSNR, as the official trainer; for DDLP also how well it
+        predicts (`prediction_errors`)."""
         if self.val_set is None:
             return {}
         model = self.model
         model.eval()
         loader = DataLoader(self.val_set, batch_size=self.config.batch_size, shuffle=False, num_workers=0)
         totals: dict[str, float] = {}
+        errors: dict[str, list[Tensor]] = {}
         n = 0
         for i, batch in enumerate(loader):
             if i >= self.opt.eval_batches:
@@ -276,9 +279,13 @@ class Trainer:
             logs, _ = self.loss_fn(x, False, False, None)
             for k, v in logs.items():
                 totals[k] = totals.get(k, 0.0) + float(v)
+            if self.config.is_video:
+                for k, v in prediction_errors(model, batch, self.acc.device).items():
+                    errors.setdefault(k, []).append(v)
             n += 1
         model.train()
-        return {f"val_{k}": v / max(n, 1) for k, v in totals.items()}
+        out = {f"val_{k}": v / max(n, 1) for k, v in totals.items()}
+        return {**out, **summarize_prediction(errors, self.config.image_size)}
 
     def _clip(self, x: Tensor) -> Tensor:
         """Validation episodes are longer than training clips: take the first T + 1 frames."""
@@ -358,9 +365,11 @@ class Trainer:
                 self.losses.append(last["loss"])
                 if bar is not None:
                     st = particle_stats(out)
+                    val = {k: f"{self.last_val[k]:.3g}" for k in ("val_med10", "val_pred_step1_px")
+                           if self.last_val.get(k) is not None}
                     bar.set_postfix(epoch=self.epoch, loss=f"{last['loss']:.4g}", kl=f"{last['kl']:.3g}",
                                     dyn=f"{last.get('kl_dyn', 0):.3g}", psnr=f"{last['psnr']:.2f}",
-                                    on=f"{st['on']:.2f}", s=f"{st['scale']:.2f}", refresh=False)
+                                    on=f"{st['on']:.2f}", s=f"{st['scale']:.2f}", **val, refresh=False)
                     bar.update(1)
                 if self.global_step % 50 == 0:
                     self.log(dict(step=self.global_step, epoch=self.epoch, lr=self.scheduler.get_last_lr()[0],
@@ -399,7 +408,7 @@ class Trainer:
         return False
 
     def _end_epoch(self, batch) -> None:
-        metrics = self.evaluate()
+        metrics = self.last_val = self.evaluate()
         record = dict(step=self.global_step, epoch=self.epoch, **metrics)
         if metrics and metrics["val_loss"] < self.best_val and self.acc.is_main_process:
             self.best_val = metrics["val_loss"]
@@ -412,6 +421,47 @@ class Trainer:
         self.epoch += 1
         self.step_in_epoch = 0
         self.save_checkpoint()
+
+
+PREDICTION_STEPS = 10      # MED10's horizon
+
+
+@torch.no_grad()
+def prediction_errors(model, batch, device, steps: int = PREDICTION_STEPS) -> dict[str, Tensor]:
+    """Errors of deterministic rollouts from the first cond_steps frames of a validation batch:
+    "step1_px" [B]: distance in pixels between PINT's first predicted positions and the
+    posterior's in that frame, averaged over particles weighted by their transparency; "med"
+    [B, steps]: G-SWM's MED per step, when the batch carries ball positions and the clips are
+    long enough."""
+    from .metrics import ground_truth_xy, med_errors, particles_to_xy
+    frames = _frames(batch).to(device)
+    cond = min(model.config.cond_steps, model.config.timestep_horizon)
+    if frames.shape[1] <= cond:
+        return {}
+    posterior = model.encode(frames[:, :cond + 1])
+    predicted = model.predict(posterior[:, :cond], steps)
+    w = posterior.transparency[:, cond]
+    px = (predicted.position[:, cond] - posterior.position[:, cond]).norm(dim=-1) * (model.config.image_size - 1) / 2
+    out = {"step1_px": ((px * w).sum(-1) / w.sum(-1).clamp_min(1e-8)).cpu()}
+    truth = ground_truth_xy(batch, cond + steps, model.config.image_size)
+    if truth is not None and frames.shape[1] >= cond + steps:
+        xy = particles_to_xy(predicted.position.cpu(), model.config.image_size)
+        out["med"] = med_errors(xy, predicted.transparency.cpu(), *truth, match_t=cond)[:, cond:]
+    return out
+
+
+def summarize_prediction(errors: dict[str, list[Tensor]], image_size: int) -> dict[str, float]:
+    """val_pred_step1_px (PINT's one-step position error against the posterior, pixels) and,
+    with ball positions, val_med10 (sum of the first ten per-step MEDs) and val_med_step1_px."""
+    from .metrics import med_summary
+    out = {}
+    if errors.get("step1_px"):
+        out["val_pred_step1_px"] = float(torch.cat(errors["step1_px"]).double().mean())
+    if errors.get("med"):
+        med = med_summary(torch.cat(errors["med"]), PREDICTION_STEPS)
+        out["val_med10"] = med["med10"]
+        out["val_med_step1_px"] = med["per_step"][0] * image_size
+    return out
 
 
 def check_data(dataset: Dataset, config: Config, what: str) -> None:
