@@ -204,16 +204,22 @@ class PINT(nn.Module):
         x = self.head(self.ln_f(x))
         return x.view(B, N, -1, D).permute(0, 2, 1, 3)
 
-    def forward(self, p: Particles) -> Particles:
-        """Particles [B, T, K, ...] (values only are read) -> prior of frames 1..T [B, T, K, ...]."""
-        return self.read(self.trunk(self.embedding(p)), p)
+    def forward(self, p: Particles, position_only_trunk: bool = False) -> Particles:
+        """Particles [B, T, K, ...] (values only are read) -> prior of frames 1..T [B, T, K, ...].
+        `position_only_trunk`: see `read`."""
+        return self.read(self.trunk(self.embedding(p)), p, position_only_trunk=position_only_trunk)
 
-    def read(self, h: Tensor, p: Particles, min_beta: float = 0.0) -> Particles:
-        """Turn trunk outputs into distributions; with predict_delta means are offsets from `p`."""
+    def read(self, h: Tensor, p: Particles, min_beta: float = 0.0, position_only_trunk: bool = False) -> Particles:
+        """Turn trunk outputs into distributions; with predict_delta means are offsets from `p`.
+        `position_only_trunk` leaves the outputs as they are but lets only the position heads send
+        gradient into the shared layers (the other heads still learn): a training option, see
+        ddlp.prior_tuning."""
         r = self.readout
         h = r.backbone(h)
         fg, bg = h[..., :-1, :], h[..., -1, :]
         py, px = r.position_y_head(fg), r.position_x_head(fg)
+        if position_only_trunk:
+            fg, bg = fg.detach(), bg.detach()
         squash = torch.tanh if self.activation == "tanh" else torch.sigmoid
         position = self.max_delta * squash(torch.stack([py[..., 0], px[..., 0]], -1))
         position_logvar = torch.stack([py[..., 1], px[..., 1]], -1)

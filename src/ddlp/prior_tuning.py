@@ -1,14 +1,19 @@
-"""Train PINT alone on the posteriors of a frozen DDLP encoder.
+"""Train PINT alone on cached posteriors of a frozen DDLP encoder.
 
 With the encoder fixed, the dynamics KL is the only term of the ELBO that depends on PINT's
 weights, so this optimises the same objective as joint training, one block of coordinates at a
-time. It pays off when the joint run was short: PINT needs more clips than the encoder to pick up
-the motion (on Balls, a few thousand clips of 7 frames before it beats "stand still"), and
-posteriors of hundreds of clips cost one forward pass each here instead of a full training step.
+time. It pays off when the joint run was short: PINT needs far more clips than the encoder to pick
+up the motion, and a cached clip costs PINT's forward pass only, not an image encoding.
+
+    clips --encode once--> PosteriorCache [N, L, K, ...] (distributions, not samples)
+          --random windows of timestep_horizon + 1 frames, fresh posterior samples--> PINT
 """
 from __future__ import annotations
 
+import json
+import math
 import time
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -21,47 +26,117 @@ from .particles import Particles
 from .pint import PINT, RelativeBias
 from .train import _frames
 
+CACHE_FILE = "posteriors.safetensors"
+
+
+class PosteriorCache:
+    """Posterior distributions of N tracked clips of L frames ([N, L, K, ...] Particles, as
+    `DDLP.encode(..., deterministic=False)` returns them). `sample` draws training windows with a
+    fresh sample of every attribute, as a training step would see them."""
+
+    def __init__(self, particles: Particles):
+        if particles.position_logvar is None or particles.transparency_a is None:
+            raise ValueError("a PosteriorCache needs posterior distributions (encode with deterministic=False)")
+        self.particles = particles
+
+    def __len__(self) -> int:
+        return self.particles.position.shape[0]
+
+    @property
+    def frames(self) -> int:
+        return self.particles.position.shape[1]
+
+    def windows(self, n: int, length: int, generator: Optional[torch.Generator] = None) -> Particles:
+        """n windows of `length` consecutive frames from random clips: [n, length, K, ...]."""
+        if length > self.frames:
+            raise ValueError(f"windows of {length} frames do not fit the cached clips of {self.frames}")
+        p = self.particles
+        clip = torch.randint(len(self), (n,), generator=generator)
+        start = torch.randint(self.frames - length + 1, (n,), generator=generator)
+        frames = start[:, None] + torch.arange(length)
+        return p.map(lambda t: t[clip[:, None], frames])
+
+    def sample(self, n: int, length: int, generator: Optional[torch.Generator] = None) -> Particles:
+        """Windows as `windows`, with values drawn anew from the cached distributions."""
+        return resample(self.windows(n, length, generator))
+
+    def save(self, path: str | Path) -> None:
+        from safetensors.torch import save_file
+
+        from .checkpoint import atomic_write
+        tensors = {k: v.contiguous() for k, v in vars(self.particles).items() if v is not None}
+        atomic_write(Path(path), lambda p: save_file(tensors, p, metadata={"format": "ddlp-posteriors",
+                                                                             "fields": json.dumps(sorted(tensors))}))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "PosteriorCache":
+        from safetensors.torch import load_file
+        return cls(Particles(**load_file(str(path))))
+
+
+def resample(p: Particles) -> Particles:
+    """Particles whose values are fresh samples of their posterior distributions."""
+    draw = lambda mu, logvar: mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)  # noqa: E731
+    beta = torch.distributions.Beta(p.transparency_a, p.transparency_b, validate_args=False)
+    return p.replace(position=draw(p.position_mu, p.position_logvar), scale=draw(p.scale_mu, p.scale_logvar),
+                     depth=draw(p.depth_mu, p.depth_logvar), transparency=beta.sample(),
+                     features=draw(p.features_mu, p.features_logvar),
+                     bg_features=draw(p.bg_mu, p.bg_logvar))
+
 
 @torch.no_grad()
-def encode_posteriors(model: DDLP, dataset: Dataset, clips: int, batch_size: int = 32,
-                      seed: int = 0) -> Particles:
-    """Stochastic posteriors (as training sees them) of `clips` clips drawn from `dataset`,
-    detached, [N, T + 1, K, ...]."""
+def encode_posteriors(model: DDLP, dataset: Dataset, clips: int, frames: Optional[int] = None,
+                      batch_size: int = 16, seed: int = 0, max_minutes: Optional[float] = None,
+                      progress: bool = False) -> PosteriorCache:
+    """Stochastic tracking posteriors of `clips` clips drawn at random from `dataset` (their first
+    `frames` frames; default all), detached; fewer if `max_minutes` run out first (at least one
+    batch)."""
+    from tqdm.auto import tqdm
     g = torch.Generator().manual_seed(seed)
     idx = torch.randperm(len(dataset), generator=g)[:clips].tolist()
-    T1 = model.config.timestep_horizon + 1
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
     out = []
-    for batch in DataLoader(torch.utils.data.Subset(dataset, idx), batch_size=batch_size):
-        x = _frames(batch)[:, :T1]
-        x = x.to(next(model.parameters()).device)
+    start = time.time()
+    loader = DataLoader(torch.utils.data.Subset(dataset, idx), batch_size=batch_size)
+    for batch in tqdm(loader, desc="encode clips", unit="batch", disable=not progress, leave=False):
+        x = _frames(batch)[:, :frames].to(device)
         out.append(model.encode(x, deterministic=False))
-    return Particles.cat(out, 0)
+        if max_minutes is not None and time.time() - start > 60 * max_minutes:
+            break
+    model.train(was_training)
+    return PosteriorCache(Particles.cat(out, 0))
 
 
 @torch.no_grad()
 def start_from_stand_still(pint: PINT, posteriors: Particles, recency_bias: float = 4.0) -> None:
-    """Initialise a fresh PINT where learning the motion is quick.
+    """Initialise a fresh PINT as the best "stand still" predictor of `posteriors` [N, T, K, ...],
+    from where learning the motion is quick.
 
-    * Its log-variance outputs start at the log mean squared frame-to-frame change of each
-      attribute in `posteriors`: the variance of a "stand still" guess. From the default
-      log-variance 0 (a standard deviation of half the image side) the KL's pull on the predicted
-      positions is ~200x weaker (Balls: log-variance -5.4), and Adam at lr 1e-3 needs thousands
-      of steps to shrink it.
+    * Every Gaussian head predicts no change, with the variance that minimises the KL of such a
+      guess: the mean squared frame-to-frame change of the posterior means plus the mean posterior
+      variance. From the default log-variance 0 (a standard deviation of half the image side) the
+      KL's pull on the predicted positions is ~200x weaker on Balls.
+    * The transparency head starts at the posteriors' mean log a and log b.
     * Attention head h of every layer starts biased (+recency_bias on both relative-bias tables)
       towards the same particle h frames back, so the tokens see their particle's recent history
       from the first step (velocity is a difference of two such reads).
     """
-    def log_change(v: Tensor) -> Tensor:        # [N, T, ..., d] -> [d]
-        return (v[:, 1:] - v[:, :-1]).pow(2).flatten(0, -2).mean(0).clamp_min(1e-8).log()
+    def stand_still_logvar(mu: Tensor, logvar: Tensor) -> Tensor:     # [N, T, ..., d] -> [d]
+        change = (mu[:, 1:] - mu[:, :-1]).pow(2).flatten(0, -2).mean(0)
+        return (change + logvar.exp().flatten(0, -2).mean(0)).clamp_min(1e-8).log()
 
+    p = posteriors
     r = pint.readout
-    position = log_change(posteriors.position)
+    position = stand_still_logvar(p.position_mu, p.position_logvar)
     r.position_y_head.bias[1], r.position_x_head.bias[1] = position[0], position[1]
-    r.scale_head.bias[2:] = log_change(posteriors.scale)
-    F = posteriors.features.shape[-1]
-    r.features_head.bias[F:] = log_change(posteriors.features)
-    if posteriors.bg_features is not None:
-        r.bg_features_head.bias[posteriors.bg_features.shape[-1]:] = log_change(posteriors.bg_features)
+    r.scale_head.bias[2:] = stand_still_logvar(p.scale_mu, p.scale_logvar)
+    r.features_head.bias[p.features.shape[-1]:] = stand_still_logvar(p.features_mu, p.features_logvar)
+    if p.bg_mu is not None:
+        r.bg_features_head.bias[p.bg_mu.shape[-1]:] = stand_still_logvar(p.bg_mu, p.bg_logvar)
+    r.transparency_head.bias[0] = p.transparency_a.clamp_min(1e-5).log().mean()
+    r.transparency_head.bias[1] = p.transparency_b.clamp_min(1e-5).log().mean()
     for table in (m for m in pint.modules() if isinstance(m, RelativeBias)):
         M, N, heads = table.max_frames, table.n_tokens, table.time.shape[1]
         table.particle[N - 1] += recency_bias                     # offset 0: the same particle
@@ -69,58 +144,79 @@ def start_from_stand_still(pint: PINT, posteriors: Particles, recency_bias: floa
             table.time[M - 1 - min(h, M - 1), h] += recency_bias  # offset -h: h frames back
 
 
-def tune_prior(model: DDLP, dataset: Dataset, *, steps: int = 2000, batch_size: int = 64,
-               clips: int = 512, lr: float = 1e-3, bias_lr: float = 0.01, reset: bool = False,
-               seed: int = 0, max_minutes: Optional[float] = None, progress: bool = True) -> dict:
-    """Optimise `model.pint` on the dynamics KL of frozen-encoder posteriors; the rest of the model
-    is left untouched. `reset` replaces PINT by fresh weights set up by `start_from_stand_still`
-    (a trained PINT stuck predicting "stand still" learns the motion more slowly than a new one).
-    Returns the loss before and after, and the steps taken."""
+def tune_prior(model: DDLP, posteriors: PosteriorCache | Dataset, *, steps: int = 2000,
+               batch_size: int = 64, clips: int = 512, lr: float = 2e-3, bias_lr: float = 0.01,
+               reset: bool = False, position_only_trunk: bool = False, seed: int = 0,
+               max_minutes: Optional[float] = None, progress: bool = True) -> dict:
+    """Optimise `model.pint` on the dynamics KL of frozen-encoder posteriors (a PosteriorCache, or
+    a dataset of which `clips` clips are encoded first); the rest of the model is left untouched.
+
+    * `reset` replaces PINT by fresh weights set up by `start_from_stand_still` (a trained PINT
+      stuck at "stand still" learns the motion more slowly than a new one).
+    * `position_only_trunk`: the transformer learns from the position term of the KL only; the
+      other terms train their own output heads (PINT.read). Same outputs, same loss; on Balls the
+      transparency and scale terms otherwise swamp the trunk's gradient (docs/training.md).
+    * The learning rate follows a cosine from `lr` to 0 over `steps` or `max_minutes`, whichever
+      ends first.
+    Returns the loss before and after (on 512 windows), and the steps taken.
+    """
     c = model.config
     if not isinstance(model, DDLP):
         raise TypeError("tune_prior needs a DDLP model (it trains the PINT prior)")
     torch.manual_seed(seed)
+    cache = posteriors if isinstance(posteriors, PosteriorCache) else encode_posteriors(model, posteriors, clips, seed=seed)
+    ns, length = c.num_static_frames, c.timestep_horizon + 1
+    device = next(model.parameters()).device
+    disc = torch.ones(length - ns, device=device)
+    g = torch.Generator().manual_seed(seed)
+    probe = cache.sample(min(512, 8 * len(cache)), length, g).to(device)
+
+    def loss_of(p: Particles) -> Tensor:
+        prior = model.pint(p[:, :-1], position_only_trunk=position_only_trunk)
+        return c.beta_dyn * dynamics_kl(p, prior, ns, disc) / length
+
     was_training = model.training
     model.eval()
-    posteriors = encode_posteriors(model, dataset, clips, seed=seed)
-    ns, n = c.num_static_frames, posteriors.position.shape[0]
-    disc = torch.ones(c.timestep_horizon + 1 - ns, device=posteriors.position.device)
-
-    def loss_of(p: Particles):
-        return c.beta_dyn * dynamics_kl(p, model.pint(p[:, :-1]), ns, disc) / (c.timestep_horizon + 1)
-
     with torch.no_grad():
-        before = float(loss_of(posteriors))
+        before = float(loss_of(probe))
     if reset:
         model.pint.load_state_dict(model.build_pint().state_dict())
-        start_from_stand_still(model.pint, posteriors)
+        start_from_stand_still(model.pint, cache.windows(min(512, 8 * len(cache)), length, g).to(device))
     # Small eps: PINT's gradients are ~1e-5, where the trainer's eps of 1e-4 would damp them. The
     # relative-bias tables have their own learning rate: after start_from_stand_still they already
     # hold the recency bias, and a small step keeps it (Balls, 1.5 min: teacher-forced position
     # error 1.75 px with bias_lr 1e-2, 2.08 px with 1e-1; 2.59 px from a plain fresh PINT).
     tables = [t for m in model.pint.modules() if isinstance(m, RelativeBias) for t in m.parameters()]
     rest = [t for t in model.pint.parameters() if all(t is not b for b in tables)]
-    opt = torch.optim.Adam([dict(params=rest), dict(params=tables, lr=bias_lr)], lr=lr, eps=1e-8)
+    opt = torch.optim.Adam([dict(params=rest, lr=lr), dict(params=tables, lr=bias_lr)], eps=1e-8)
+    base_lrs = [lr, bias_lr]
     model.pint.train()
     bar = None
     if progress:
         from tqdm.auto import tqdm
-        bar = tqdm(total=steps, desc="tune PINT", dynamic_ncols=True)
+        bar = tqdm(total=steps, desc="train PINT", dynamic_ncols=True)
     start, step = time.time(), 0
-    for step in range(1, steps + 1):
-        loss = loss_of(posteriors[torch.randint(n, (batch_size,))])
+    while True:
+        progress_made = step / steps if steps > 0 else 1.0
+        if max_minutes is not None:
+            progress_made = max(progress_made, (time.time() - start) / (60 * max_minutes) if max_minutes > 0 else 1.0)
+        if progress_made >= 1:
+            break
+        for group, base in zip(opt.param_groups, base_lrs):
+            group["lr"] = base * 0.5 * (1 + math.cos(math.pi * progress_made))
+        loss = loss_of(cache.sample(batch_size, length).to(device))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        step += 1
         if bar is not None:
             bar.set_postfix(kl_dyn=f"{float(loss.detach()):.3f}", refresh=False)
             bar.update(1)
-        if max_minutes is not None and time.time() - start > 60 * max_minutes:
-            break
     if bar is not None:
         bar.close()
     model.pint.eval()
     with torch.no_grad():
-        after = float(loss_of(posteriors))
+        after = float(loss_of(probe))
     model.train(was_training)
-    return dict(prior_loss_before=before, prior_loss_after=after, prior_steps=step, prior_clips=n)
+    return dict(prior_loss_before=before, prior_loss_after=after, prior_steps=step, prior_clips=len(cache),
+                prior_seconds=time.time() - start)

@@ -2,15 +2,19 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
 EPILOG = """\
 The encoder, decoder and background stay as they are; only PINT's weights change (the same
-dynamics KL as in training, on many clips at once). Useful after a short run whose predictions
+dynamics KL as in training, on many clips at once). --clips training clips are encoded once
+(their first --frames frames), then PINT trains on random windows of timestep_horizon + 1 frames
+of them, with a fresh posterior sample each time. Useful after a short run whose predictions
 stand still or drift. The tuned model is written to --out (a model directory).
 
 examples:
   ddlp tune-prior runs/quickstart --data.root data/balls --out runs/quickstart/tuned
   ddlp tune-prior runs/obj3d/best --data.root data/obj3d --steps 5000 --clips 2048 --out runs/obj3d/tuned
+  ddlp tune-prior runs/balls --reset --position-only-trunk --max-minutes 10 --steps 100000 --out runs/balls/tuned
 """
 
 
@@ -19,7 +23,7 @@ def cmd_tune_prior(args) -> int:
     from ..data.registry import build_dataset
     from ..evaluate import resolve_checkpoint
     from ..model import DDLP, ParticleModel
-    from ..prior_tuning import tune_prior
+    from ..prior_tuning import encode_posteriors, tune_prior
     path, info = resolve_checkpoint(args.checkpoint, use_last=args.use_last)
     model = ParticleModel.from_pretrained(path)
     if not isinstance(model, DDLP):
@@ -27,10 +31,15 @@ def cmd_tune_prior(args) -> int:
     config = model.config
     if args.data_root:
         config.root = args.data_root
-    data = build_dataset(config, "train")
-    stats = tune_prior(model, data, steps=args.steps, batch_size=args.batch_size, clips=args.clips,
-                       lr=args.lr, bias_lr=args.bias_lr, reset=args.reset, seed=args.seed,
-                       max_minutes=args.max_minutes)
+    if args.frames is not None and args.frames < config.timestep_horizon + 1:
+        raise ValueError(f"--frames must be at least timestep_horizon + 1 = {config.timestep_horizon + 1}")
+    # the training split yields clips of timestep_horizon + 1 frames: ask for longer ones
+    data = build_dataset(dataclasses.replace(config, timestep_horizon=args.frames - 1) if args.frames else config,
+                         "train")
+    cache = encode_posteriors(model, data, args.clips, frames=args.frames, seed=args.seed, progress=True)
+    stats = tune_prior(model, cache, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                       bias_lr=args.bias_lr, reset=args.reset, position_only_trunk=args.position_only_trunk,
+                       seed=args.seed, max_minutes=args.max_minutes)
     save_pretrained(model, args.out)
     print(f"{info['source']} {path}: dynamics KL {stats['prior_loss_before']:.4g} -> "
           f"{stats['prior_loss_after']:.4g} after {stats['prior_steps']} steps on {stats['prior_clips']} clips; "
@@ -50,10 +59,16 @@ def add_parser(sub) -> None:
     p.add_argument("--steps", type=int, default=2000, help="optimizer steps (default 2000)")
     p.add_argument("--batch-size", type=int, default=64, help="clips per step (default 64)")
     p.add_argument("--clips", type=int, default=512, help="training clips to encode (default 512)")
-    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default 1e-3)")
-    p.add_argument("--bias-lr", type=float, default=0.1, help="learning rate of the relative-bias tables "
-                   "(default 0.1)")
-    p.add_argument("--reset", action="store_true", help="start PINT from fresh weights")
+    p.add_argument("--frames", type=int, help="frames of each clip to encode (default: all; at least "
+                   "timestep_horizon + 1)")
+    p.add_argument("--lr", type=float, default=2e-3, help="peak Adam learning rate, cosine decay to 0 (default 2e-3)")
+    p.add_argument("--bias-lr", type=float, default=0.01, help="peak learning rate of the relative-bias "
+                   "tables (default 0.01)")
+    p.add_argument("--reset", action="store_true", help="start PINT from fresh weights, set up as a "
+                   "'stand still' predictor of the data")
+    p.add_argument("--position-only-trunk", action="store_true", help="the transformer learns from the "
+                   "position term of the dynamics KL only, the other terms train their own heads "
+                   "(docs/training.md)")
     p.add_argument("--max-minutes", type=float, help="stop after this much time")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--use-last", action="store_true", help="in a run directory, use the latest checkpoint")
