@@ -205,6 +205,10 @@ def test_rollout_frames_layout_and_cond_marker(ddlp_run):
     for t in (0, 4):
         assert (arr(pics[t].crop((7, 21, 7 + TILE, 21 + TILE))) == arr(to_pil(x[0, t], ZOOM))).all()
     assert (arr(pics[6].crop((7, 21, 7 + TILE, 21 + TILE))) != arr(to_pil(x[0, 4], ZOOM))).any()
+    # generated videos name their phases: only the titles change
+    renamed = rollout_frames(None, frames, particles, cond_steps=3, phases=("diffusion", "PINT"))
+    for t in (0, 5):
+        assert (arr(renamed[t])[18:] == arr(alone[t])[18:]).all() and (arr(renamed[t])[:18] != arr(alone[t])[:18]).any()
 
 
 def test_rollout_particles_and_trails_are_drawn_where_they_were():

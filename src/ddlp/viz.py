@@ -305,14 +305,15 @@ def _rollout_frame(tiles: list[Image.Image], titles: list[tuple[str, tuple]], bo
 @torch.no_grad()
 def rollout_frames(gt: Optional[Tensor], pred: Tensor, particles: Optional[Particles] = None,
                    cond_steps: int = 0, trajectories: bool = True, zoom: Optional[int] = None,
-                   trail: int = 10) -> list[Image.Image]:
+                   trail: int = 10, phases: tuple[str, str] = ("cond", "pred")) -> list[Image.Image]:
     """One picture per time step of a rollout: ground truth (left) beside the prediction (right).
 
     gt / pred: [T, 3, H, W] or [B, T, 3, H, W] (clip 0 is shown); gt may be None (prediction only)
     or shorter than pred (later steps get an empty "no ground truth" tile, so every picture has
     the same size). particles ([T, K, ...] or [B, T, K, ...]) are drawn on the prediction, with a
     fading trail of their last `trail` positions when `trajectories`. Conditioning steps
-    (t < cond_steps) get a green border and "cond", predicted steps a red one and "pred".
+    (t < cond_steps) get a green border and "cond", predicted steps a red one and "pred"; `phases`
+    renames the two (generated videos: the diffusion model's frames, then PINT's).
     """
     pred = _one_clip(pred)
     gt = None if gt is None else _one_clip(gt)
@@ -329,7 +330,7 @@ def rollout_frames(gt: Optional[Tensor], pred: Tensor, particles: Optional[Parti
             tile = _draw_rollout_particles(tile, yx, on, t, trail if trajectories else 0)
         cond = t < cond_steps
         colour = COND_COLOUR if cond else PRED_COLOUR
-        tiles, titles, borders = [tile], [(f"t={t} {'cond' if cond else 'pred'}", colour)], [colour]
+        tiles, titles, borders = [tile], [(f"t={t} {phases[0] if cond else phases[1]}", colour)], [colour]
         if gt is not None:
             tiles.insert(0, to_pil(gt[t], zoom) if t < len(gt) else _blank(tile.size, "no ground truth"))
             titles.insert(0, ("ground truth", TEXT))

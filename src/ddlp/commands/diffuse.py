@@ -142,9 +142,10 @@ def cmd_sample(args) -> int:
         totals.append(timings)
         for i, clip in enumerate(video):
             plain = [to_pil(f, zoom) for f in clip]
-            # labelled frames: "t=k cond" (green) for the generated tau frames, "pred" (red) after
+            # labelled frames: "t=k diffusion" (green) for the tau sampled frames, "PINT" (red) after
             frames = plain if args.plain else rollout_frames(
-                None, clip, particles[i] if args.particles else None, cond_steps=tau, zoom=zoom)
+                None, clip, particles[i] if args.particles else None, cond_steps=tau, zoom=zoom,
+                phases=("diffusion", "PINT"))
             path = out / f"video-{start + i:03d}.{args.format}"
             save_video(frames, path, fps=args.fps)
             written.append(path)
