@@ -50,6 +50,22 @@ def test_quickstart_spends_its_budget_phase_by_phase(tmp_path):
     assert json.loads((tmp_path / "run" / "best" / "config.json").read_text())["n_kp_enc"] == 3
 
 
+def test_a_diverging_joint_phase_leaves_its_time_to_pint(tmp_path, monkeypatch):
+    from ddlp.train import Trainer, TrainingError
+    train = Trainer.train
+
+    def diverges(self):
+        train(self)
+        raise TrainingError("more than 100 updates skipped for non-finite gradients")
+
+    monkeypatch.setattr(Trainer, "train", diverges)
+    metrics = run(out_dir=str(tmp_path / "run"), data_dir=str(tmp_path / "data"), minutes=0.15,
+                  train_episodes=2, val_episodes=1, test_episodes=1, workers=0, cond=4, horizon=8,
+                  gif_episodes=1, progress=False, **TINY)
+    assert "non-finite" in metrics["joint_stopped"] and metrics["prior_steps"] > 0
+    assert (tmp_path / "run" / "prediction.gif").is_file()
+
+
 def test_cli_runs_the_quickstart(tmp_path, capsys):
     rc = main(["quickstart", "--out", str(tmp_path / "run"), "--data", str(tmp_path / "data"), "--minutes", "0.1",
                "--episodes", "2", "--test-episodes", "2", "--full-trunk", "--workers", "0", "--seed", "1",
