@@ -219,3 +219,16 @@ def test_baselines_are_scored_beside_the_model(setup, tmp_path, capsys):
     rows = list(csv.DictReader((tmp_path / "balls_test_per_step.csv").open()))
     assert [float(r["med_constant_velocity"]) for r in rows] == pytest.approx(b["constant_velocity"]["med"]["per_step"])
     assert Image.open(tmp_path / "balls_test_per_step.png").height > 100
+
+
+def test_use_last_takes_the_latest_checkpoint_of_a_run(setup, tmp_path, capsys):
+    root, data = setup
+    rc = main(["evaluate", str(root / "run"), "--use-last", "--data.root", str(data), "--cond", "4",
+               "--horizon", "14", "--max-videos", "1", "--no-lpips", "--no-progress", "--out", str(tmp_path)])
+    assert rc == 0
+    saved = json.loads((tmp_path / "balls_test_metrics.json").read_text())
+    assert "step-00000002" in json.dumps(saved["checkpoint"]) and "best" not in saved["checkpoint"]["source"]
+    capsys.readouterr()
+    assert main(["tune-prior", str(root / "run"), "--use-last", "--data.root", str(data), "--out",
+                 str(tmp_path / "tuned"), "--steps", "1", "--clips", "2", "--batch-size", "2"]) == 0
+    assert "step-00000002" in capsys.readouterr().out and (tmp_path / "tuned" / "config.json").is_file()
