@@ -228,8 +228,9 @@ def test_validation_reports_how_well_the_model_predicts(tmp_path):
     model = trainer.model.eval()
     val = BallsDataset(data, "val")
     batch = {k: torch.stack([val[i][k] for i in range(2)]) for k in ("frames", "positions_px", "in_camera")}
-    posterior = model.encode(batch["frames"][:, :5])
-    pred = model.predict(posterior[:, :4], 10)
+    with torch.no_grad():
+        posterior = model.encode(batch["frames"][:, :5])
+        pred = model.predict(posterior[:, :4], 10)
     px = (pred.position[:, 4] - posterior.position[:, 4]).norm(dim=-1) * 63 / 2
     w = posterior.transparency[:, 4]
     assert metrics["val_pred_step1_px"] == pytest.approx(float(((px * w).sum(-1) / w.sum(-1)).mean()), rel=1e-5)
