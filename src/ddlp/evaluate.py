@@ -465,18 +465,18 @@ def _font(size: int) -> ImageFont.ImageFont:
         return ImageFont.load_default()
 
 
+# The model in blue with its std band; each baseline in a colour of its own, without a band.
+SERIES_COLOURS = {"model": (30, 80, 200), "stand_still": (200, 60, 40), "constant_velocity": (230, 150, 20),
+                  "ground_truth_stand_still": (150, 90, 160), "ground_truth_constant_velocity": (60, 160, 90)}
+
+
 @dataclass
 class Series:
     """One line of a chart: per-step means (and an optional +-1 std band)."""
     label: str
     mean: list
     std: Optional[list] = None
-    colour: tuple = (30, 80, 200)
-
-
-# The model in blue with its std band; each baseline in a colour of its own, without a band.
-SERIES_COLOURS = {"model": (30, 80, 200), "stand_still": (200, 60, 40), "constant_velocity": (230, 150, 20),
-                  "ground_truth_stand_still": (150, 90, 160), "ground_truth_constant_velocity": (60, 160, 90)}
+    colour: tuple = SERIES_COLOURS["model"]
 
 
 def _finite_points(series: Series, x0: int) -> list[tuple[int, float, Optional[float]]]:

@@ -26,8 +26,6 @@ from .particles import Particles
 from .pint import PINT, RelativeBias
 from .train import _frames
 
-CACHE_FILE = "posteriors.safetensors"
-
 
 class PosteriorCache:
     """Posterior distributions of N tracked clips of L frames ([N, L, K, ...] Particles, as
@@ -180,7 +178,8 @@ def tune_prior(model: DDLP, posteriors: PosteriorCache | Dataset, *, steps: Opti
     device = next(model.parameters()).device
     disc = torch.ones(length - ns, device=device)
     g = torch.Generator().manual_seed(seed)
-    probe = cache.sample(min(512, 8 * len(cache)), length, g).to(device)
+    n_probe = min(512, 8 * len(cache))
+    probe = cache.sample(n_probe, length, g).to(device)
 
     def loss_of(p: Particles) -> Tensor:
         prior = model.pint(p[:, :-1], position_only_trunk=position_only_trunk)
@@ -192,7 +191,7 @@ def tune_prior(model: DDLP, posteriors: PosteriorCache | Dataset, *, steps: Opti
         before = float(loss_of(probe))
     if reset:
         model.pint.load_state_dict(model.build_pint().state_dict())
-        start_from_stand_still(model.pint, cache.windows(min(512, 8 * len(cache)), length, g).to(device))
+        start_from_stand_still(model.pint, cache.windows(n_probe, length, g).to(device))
     # Small eps: PINT's gradients are ~1e-5, where the trainer's eps of 1e-4 would damp them. The
     # relative-bias tables have their own learning rate: after start_from_stand_still they already
     # hold the recency bias, and a small step keeps it (Balls, 1.5 min: teacher-forced position
@@ -221,7 +220,8 @@ def tune_prior(model: DDLP, posteriors: PosteriorCache | Dataset, *, steps: Opti
         opt.step()
         step += 1
         if bar is not None:
-            bar.set_postfix(kl_dyn=f"{float(loss.detach()):.3f}", refresh=False)
+            if step % 50 == 1:          # reading the loss waits for the device: not every step
+                bar.set_postfix(kl_dyn=f"{float(loss.detach()):.3f}", refresh=False)
             bar.update(1)
     if bar is not None:
         bar.close()
