@@ -103,6 +103,24 @@ def test_predict_cli_and_bad_inputs(model_and_clip, tmp_path, capsys):
     assert "must exceed cond" in _error(capsys, root / "model", "--input", clip, "--cond", 4, "--horizon", 4)
     assert "--formats" in _error(capsys, root / "model", "--input", clip, "--formats", "avi")
     assert "no such file" in _error(capsys, root / "model", "--input", tmp_path / "none.mp4")
+    assert "there is no episode 1" in _error(capsys, root / "model", "--input", clip, "--episode", 1)
     dlp = tmp_path / "dlp"
     build_model(Config.preset("balls_small", model="dlp", **TINY)).save_pretrained(dlp)
     assert "single-image DLPv2" in _error(capsys, dlp, "--input", clip)
+
+
+def test_predict_an_episode_of_an_hdf5_dataset(model_and_clip, tmp_path, capsys):
+    root, model, _ = model_and_clip
+    from ddlp.data.balls import write_balls
+    write_balls(tmp_path / "balls", episodes={"test": 3}, seqlen=10, progress=False)
+    out = tmp_path / "out"
+    assert main(["predict", str(root / "model"), "--input", str(tmp_path / "balls" / "test.hdf5"), "--episode", "2",
+                 "--cond", "4", "--horizon", "8", "--out", str(out), "--formats", "gif"]) == 0
+    frames = torch.from_numpy(generate_split(3, 9, 10)["imgs"][2]).permute(0, 3, 1, 2).float() / 255
+    _, particles = model.rollout(frames[None, :4], 4, 4)
+    saved = np.load(out / "particles.npz")
+    assert np.allclose(saved["position"], particles.position[0].numpy(), atol=1e-6)
+    assert json.loads((out / "particles.json").read_text())["episode"] == 2
+    assert main(["predict", str(root / "model"), "--input", str(tmp_path / "balls"), "--split", "test",
+                 "--episode", "2", "--cond", "4", "--horizon", "8", "--out", str(tmp_path / "o2"), "--formats", "gif"]) == 0
+    assert np.array_equal(np.load(tmp_path / "o2" / "particles.npz")["position"], saved["position"])

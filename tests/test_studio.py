@@ -286,3 +286,14 @@ def test_drag_a_particle_and_play_in_chromium(browser, server, artifacts):
     wait_for(d, f"(() => {{ const p = window.studio.state.preview;"           # the debounced preview
                 f" return p && {inside}.every((j) => p.glimpses[j] === p.glimpses[{src}]); }})()")
     assert f"take the appearance of {src}" in d.find_element(By.ID, "feature-ops").text
+
+
+def test_folder_clips_offers_episodes_of_array_files(tmp_path):
+    import h5py
+    eps = np.random.default_rng(1).integers(0, 255, (10, 5, 32, 32, 3), dtype=np.uint8)
+    with h5py.File(tmp_path / "eps.hdf5", "w") as f:
+        f["imgs"] = eps
+    np.save(tmp_path / "one.npy", eps[0])
+    clips = folder_clips(tmp_path, 32, episodes_per_file=3)
+    assert list(clips) == ["eps.hdf5 #0", "eps.hdf5 #1", "eps.hdf5 #2", "one.npy"]
+    assert torch.equal(clips["eps.hdf5 #2"](), torch.from_numpy(eps[2]).permute(0, 3, 1, 2).float() / 255)

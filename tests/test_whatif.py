@@ -266,12 +266,25 @@ def test_cli_writes_video_and_trajectories(model_dirs, tmp_path, capsys):
     (["--balls", "0", "--move", "0:0.1"], "expected K:DX,DY"),
     (["--input", "{root}/short.npy"], "has 3 frame(s), fewer than the 4 conditioning"),
     (["--input", "{root}/missing.mp4"], "no such file"),
+    (["--input", "{root}/short.npy", "--episode", "1"], "short.npy: there is no episode 1"),
+    (["--balls", "0", "--episode", "1"], "--episode picks an episode of --input"),
 ])
 def test_cli_bad_input_is_one_clear_line(model_dirs, tmp_path, capsys, extra, message):
     extra = [a.format(root=model_dirs) for a in extra]
     assert main(["what-if", str(model_dirs / "ddlp"), *extra, "--horizon", "1", "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("ddlp what-if: error:") and message in err and "Traceback" not in err
+
+
+def test_cli_reads_an_episode_of_an_hdf5_file(model_dirs, tmp_path, capsys):
+    from ddlp.data.balls import write_balls
+    write_balls(tmp_path, episodes={"test": 2}, seqlen=8, progress=False)
+    rc = main(["what-if", str(model_dirs / "ddlp"), "--input", str(tmp_path / "test.hdf5"), "--episode", "1",
+               "--move", "0:0.1,0", "--horizon", "2", "--out", str(tmp_path / "out")])
+    assert rc == 0, capsys.readouterr().err
+    record = json.loads((tmp_path / "out" / "edits.json").read_text())
+    assert record["input"] == f"{tmp_path / 'test.hdf5'} episode 1"
+    assert Image.open(tmp_path / "out" / "what-if.gif").n_frames == 4 + 2
 
 
 def test_cli_rejects_a_non_ddlp_checkpoint(model_dirs, tmp_path, capsys):

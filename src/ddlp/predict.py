@@ -141,9 +141,10 @@ def predict(checkpoint: str | os.PathLike, input_path: str | os.PathLike, out_di
             cond: Optional[int] = None, horizon: Optional[int] = None, deterministic: bool = True,
             boxes: bool = False, trajectories: bool = True, trail: int = 10, fps: float = 10,
             formats: tuple[str, ...] = ("gif", "mp4"), use_last: bool = False,
-            device: Optional[str] = None) -> dict:
-    """Everything `ddlp predict` does; returns the written paths and a few facts."""
-    from .data.clips import read_clip
+            device: Optional[str] = None, episode: Optional[int] = None, split: str = "test") -> dict:
+    """Everything `ddlp predict` does; returns the written paths and a few facts. `episode` and
+    `split` pick the clip where `input_path` holds several (data.reader.read_clip)."""
+    from .data.reader import read_clip
     from .evaluate import load_video_model
     from .viz import save_video
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -151,7 +152,7 @@ def predict(checkpoint: str | os.PathLike, input_path: str | os.PathLike, out_di
     c = model.config
     cond = cond or c.cond_steps
     horizon = horizon or max(c.animation_horizon, cond + 1)
-    frames = read_clip(input_path, size=c.image_size)
+    frames = read_clip(input_path, size=c.image_size, episode=episode, split=split)
     pred, particles = predict_clip(model, frames, cond, horizon, deterministic)
     gt = frames[:horizon]
     out = Path(out_dir)
@@ -164,7 +165,7 @@ def predict(checkpoint: str | os.PathLike, input_path: str | os.PathLike, out_di
             written[fmt] = str(save_video(pictures, out / f"prediction.{fmt}", fps=fps))
         except ImportError as e:                  # no imageio-ffmpeg: keep the GIF and say why
             skipped[fmt] = str(e)
-    meta = {"input": str(input_path), "checkpoint": info, "image_size": c.image_size, "cond_steps": cond,
+    meta = {"input": str(input_path), "episode": episode, "checkpoint": info, "image_size": c.image_size, "cond_steps": cond,
             "horizon": horizon, "input_frames": int(frames.shape[0]), "deterministic": deterministic}
     save_particles(particle_arrays(particles, cond, c.image_size), meta, out / "particles.npz",
                    out / "particles.json")

@@ -12,6 +12,7 @@ features; conventions inside the JSON).
 examples:
   ddlp predict runs/quickstart --input clip.mp4 --cond 6 --horizon 100 --out outputs/clip
   ddlp predict runs/obj3d/best --input data/obj3d/test/7 --boxes
+  ddlp predict runs/quickstart --input data/balls/test.hdf5 --episode 3
 """
 
 
@@ -23,7 +24,8 @@ def cmd_predict(args) -> int:
         raise ValueError(f"--formats takes gif and/or mp4 (comma separated), got {args.formats!r}")
     res = predict(args.checkpoint, args.input, args.out, cond=args.cond, horizon=args.horizon,
                   deterministic=not args.sample, boxes=args.boxes, trajectories=not args.no_trajectories,
-                  trail=args.trail, fps=args.fps, formats=formats, use_last=args.use_last, device=args.device)
+                  trail=args.trail, fps=args.fps, formats=formats, use_last=args.use_last, device=args.device,
+                  episode=args.episode, split=args.split)
     print(f"conditioned on {res['cond']} of {res['input_frames']} input frames, {res['horizon'] - res['cond']} "
           f"predicted (horizon {res['horizon']})")
     if res["ground_truth_frames"] < res["horizon"]:
@@ -36,13 +38,17 @@ def cmd_predict(args) -> int:
 
 def add_parser(sub) -> None:
     p = sub.add_parser("predict", help="predict the continuation of a video (GIF/MP4 + particles)",
-                       description="Condition a DDLP on the first --cond frames of a video, a folder of "
-                       "frames or an .npy/.npz array, predict up to --horizon frames, and write videos "
+                       description="Condition a DDLP on the first --cond frames of a clip (a video, a folder "
+                       "of frames, an .npy/.npz/.hdf5 array or an episode of a dataset), predict up to --horizon frames, and write videos "
                        "and the particles.", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", help="a training run directory (best/, else the latest checkpoint) or a "
                    "model directory (model.safetensors + config.json)")
-    p.add_argument("--input", required=True, help="video file (.mp4, .gif, ...), folder of frames or .npy/.npz; "
-                   "frames are resized to the model's image size")
+    p.add_argument("--input", required=True, help="video file (.mp4, .gif, ...), folder of frames, .npy/.npz or "
+                   ".h5/.hdf5 array, or a dataset folder; frames are resized to the model's image size")
+    p.add_argument("--episode", type=int, help="episode to use where --input holds several (an HDF5 or "
+                   "array file of episodes, a dataset folder; default 0)")
+    p.add_argument("--split", default="test", help="split of a dataset folder with train/val/test files or "
+                   "folders (default test)")
     p.add_argument("--cond", type=int, help="conditioning frames (default: the config's cond_steps)")
     p.add_argument("--horizon", type=int, help="total output frames, conditioning included "
                    "(default: the config's animation_horizon)")

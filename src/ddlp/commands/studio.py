@@ -17,7 +17,7 @@ def cmd_studio(args) -> int:
     n_balls = args.balls if args.balls is not None else (0 if args.clips else 4)
     clips.update(balls_clips(n_balls, max(args.cond_steps, 4) + 4, size))
     if not clips:
-        raise ValueError(f"no clips: {args.clips} holds no video, frame folder or .npy/.npz, and --balls is 0")
+        raise ValueError(f"no clips: {args.clips} holds no video, frame folder or .npy/.npz/.h5/.hdf5 array, and --balls is 0")
     studio = Studio(model, clips, cond_steps=args.cond_steps, horizon=args.horizon, name=str(args.checkpoint))
     server = make_server(studio, args.host, args.port, quiet=not args.verbose)
     host, port = server.server_address[:2]
@@ -43,8 +43,8 @@ def add_parser(sub) -> None:
                        "and compare the original and edited rollouts. Works offline; binds to 127.0.0.1.")
     p.add_argument("checkpoint", help="DDLP model directory (config.json + model.safetensors) or a "
                    "training run folder")
-    p.add_argument("--clips", metavar="DIR", help="folder of example clips: video files, .npy/.npz arrays "
-                   "or sub-folders of frames")
+    p.add_argument("--clips", metavar="DIR", help="folder of example clips: video files, sub-folders of "
+                   "frames, and .npy/.npz/.h5/.hdf5 arrays (their first 8 episodes)")
     p.add_argument("--balls", type=int, metavar="N", help="also offer N generated Balls-Interaction "
                    "episodes (default 4 without --clips, else 0)")
     p.add_argument("--cond-steps", type=int, default=4, help="conditioning frames (default 4, the burn-in)")

@@ -81,9 +81,12 @@ def load_input(args, image_size: int):
     """The clip [T, 3, S, S] from --input or a generated Balls episode, from frame --start on."""
     import torch
     if args.input:
-        from ..data.clips import read_clip
-        clip, name = read_clip(args.input, size=image_size), args.input
+        from ..data.reader import read_clip
+        clip = read_clip(args.input, size=image_size, episode=args.episode, split=args.split)
+        name = args.input if args.episode is None else f"{args.input} episode {args.episode}"
     else:
+        if args.episode is not None:
+            raise ValueError("--episode picks an episode of --input; with --balls give the episode there")
         from ..data.balls import episode_seeds, generate_episodes
         from ..data.clips import resize
         if args.balls < 0:
@@ -141,9 +144,12 @@ def add_parser(sub) -> None:
     p.add_argument("checkpoint", help="DDLP model directory (config.json + model.safetensors) or a "
                    "training run folder (its best/ model or latest checkpoint)")
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--input", help="clip: video file, folder of frames, or .npy/.npz array")
+    src.add_argument("--input", help="clip: video file, folder of frames, .npy/.npz/.h5/.hdf5 array or a "
+                     "dataset folder")
     src.add_argument("--balls", type=int, metavar="EPISODE", help="use generated Balls-Interaction "
                      "test episode EPISODE instead of a file")
+    p.add_argument("--episode", type=int, help="episode of --input where it holds several (default 0)")
+    p.add_argument("--split", default="test", help="split of a dataset folder given as --input (default test)")
     p.add_argument("--start", type=int, default=0, help="first frame of the clip to use (default 0)")
     p.add_argument("--cond-steps", type=int, default=4, help="conditioning frames encoded by the "
                    "posterior (default 4, the burn-in)")

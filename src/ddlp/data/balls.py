@@ -291,6 +291,10 @@ def _split_file(root: str | os.PathLike, split: str) -> Path:
     root = Path(root)
     if split not in _SPLIT_FILES:
         raise ValueError(f"unknown Balls split {split!r}; expected one of {list(_SPLIT_FILES)}")
+    if root.is_file():
+        raise ValueError(f"{root} is a file; the Balls dataset root is the folder that holds train.hdf5, "
+                         f"val.hdf5 and test.hdf5 (here perhaps {root.parent}). To train on the frames of "
+                         f"this one file, use --dataset custom --data.root {root}")
     if not root.is_dir():
         raise FileNotFoundError(f"Balls dataset folder not found: {root}")
     candidates = [folder / f"{name}.hdf5" for folder in (root, root / "BALLS_INTERACTION")

@@ -39,17 +39,27 @@ ClipLoader = Callable[[], Tensor]
 
 
 # ------------------------------------------------------------------------------ clips
-def folder_clips(folder: str | Path, image_size: int) -> dict[str, ClipLoader]:
-    """Lazy loaders for every clip in `folder`: video files, arrays, and sub-folders of frames."""
-    from ..data.clips import ARRAY_SUFFIXES, IMAGE_SUFFIXES, VIDEO_SUFFIXES, read_clip
+def folder_clips(folder: str | Path, image_size: int, episodes_per_file: int = 8) -> dict[str, ClipLoader]:
+    """Lazy loaders for every clip in `folder`: video files, sub-folders of frames, and the first
+    `episodes_per_file` episodes of each .npy/.npz/.h5/.hdf5 file (named "file #e")."""
+    from ..data.clips import ARRAY_SUFFIXES, IMAGE_SUFFIXES, VIDEO_SUFFIXES
+    from ..data.custom import HDF5_SUFFIXES, open_collection
+    from ..data.options import DataOptions
+    from ..data.reader import read_clip
     folder = Path(folder).expanduser()
     if not folder.is_dir():
         raise FileNotFoundError(f"--clips: no such folder: {folder}")
     out: dict[str, ClipLoader] = {}
     for path in sorted(folder.iterdir()):
+        suffix = path.suffix.lower()
         is_frames = path.is_dir() and any(f.suffix.lower() in IMAGE_SUFFIXES for f in path.iterdir())
-        if is_frames or path.suffix.lower() in VIDEO_SUFFIXES + ARRAY_SUFFIXES:
+        if is_frames or suffix in VIDEO_SUFFIXES:
             out[path.name] = lambda p=path: read_clip(p, size=image_size)
+        elif suffix in ARRAY_SUFFIXES + HDF5_SUFFIXES:
+            n = len(open_collection(path, DataOptions(), None)[0])
+            for e in range(min(n, episodes_per_file)):
+                name = path.name if n == 1 else f"{path.name} #{e}"
+                out[name] = lambda p=path, e=e: read_clip(p, size=image_size, episode=e)
     return out
 
 
