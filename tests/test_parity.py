@@ -1,11 +1,19 @@
-"""Our model against tensors produced by the official implementation (../shared/fixtures)."""
+"""Our model against tensors produced by the official implementation: the compact case in the
+repository (tests/fixtures/parity) always, the full fixtures (../shared/fixtures) where present."""
+import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from conftest import SHARED, needs_shared
-from ddlp.parity import run_fixture
+from ddlp.cli import main
+from ddlp.parity import load_fixture, run_fixture, write_compact
+
+COMPACT = Path(__file__).parent / "fixtures" / "parity" / "ddlp_balls_small"
 
 CASES = ["dlpv2_small", "dlpv2_shapes_small", "ddlp_balls_small", "ddlp_obj3d_small"]
 
@@ -37,3 +45,41 @@ def test_parity_cli_exit_codes(tmp_path):
     missing = subprocess.run([sys.executable, "-m", "ddlp.parity", str(tmp_path / "nope.pt")],
                              capture_output=True, text=True)
     assert missing.returncode == 2 and "no such fixture" in missing.stderr
+
+
+def test_compact_case_in_the_repository_matches_official():
+    checks = run_fixture(str(COMPACT))
+    failed = [c.line() for c in checks if not c.ok]
+    assert not failed, "\n".join(failed)
+    names = {c.name for c in checks}
+    assert {"outputs/rec", "outputs/mu_dyn", "sample/z_pos", "losses/discount/loss", "encode_all/mu"} <= names
+    assert len(checks) > 100
+    assert sum(f.stat().st_size for f in COMPACT.iterdir()) < 3e6
+
+
+def test_compact_case_fails_when_the_model_differs(tmp_path, capsys):
+    fx = load_fixture(str(COMPACT))
+    w = "dyn_module.particle_projection.particle_projection.0.weight"
+    assert w in fx["state_dict"]
+    fx["state_dict"][w] = fx["state_dict"][w] * 1.01
+    write_compact(fx, str(tmp_path / "changed"))
+    failed = {c.name for c in run_fixture(str(tmp_path / "changed")) if not c.ok}
+    assert "outputs/mu_dyn" in failed and "outputs/rec" not in failed      # only the dynamics moved
+    assert main(["parity", str(COMPACT)]) == 0
+    assert capsys.readouterr().out.strip().endswith("ok: 0 check(s) failed")
+    assert main(["parity", str(COMPACT), "--atol", "1e-12"]) == 1
+
+
+@needs_shared
+def test_compact_case_is_a_slice_of_the_full_fixture(tmp_path):
+    full = SHARED / "fixtures" / "parity" / "ddlp_balls_small.pt"
+    out = tmp_path / "compact"
+    done = subprocess.run([sys.executable, "-m", "ddlp.parity", str(full), "--write-compact", str(out)],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"wrote {out}" in done.stdout and done.stdout.strip().endswith("0 check(s) failed")
+    ours, committed = load_file(out / "tensors.safetensors"), load_file(COMPACT / "tensors.safetensors")
+    assert ours.keys() == committed.keys() and all(torch.equal(ours[k], committed[k]) for k in ours)
+    assert json.loads((out / "fixture.json").read_text()) == json.loads((COMPACT / "fixture.json").read_text())
+    fx = load_fixture(str(full))
+    assert torch.equal(fx["outputs"]["rec"].flatten()[-1], committed["outputs.rec"][-1])

@@ -1,17 +1,25 @@
 """Parity checker against fixtures produced by the official implementation.
 
-    python -m ddlp.parity FIXTURE.pt [FIXTURE.pt ...] [--atol 1e-4] [--rtol-loss 1e-4]
+    python -m ddlp.parity FIXTURE [FIXTURE ...] [--atol 1e-4] [--rtol-loss 1e-4]
+    python -m ddlp.parity FIXTURE.pt --write-compact DIR
 
 Loads the fixture (official weights, config, input, expected outputs), converts the weights with
 the same converter users get, runs our model and prints one line per output: name, max abs error,
 tolerance, ok/FAIL. Exit status 0 only when everything passes.
+
+A fixture is the official harness's .pt file or a compact copy of one (a folder holding
+fixture.json and tensors.safetensors; `--write-compact` makes it): the same weights, input, calls
+and loss values, but of every expected tensor only its shape and SLICE values at evenly spaced
+flat positions, so a case fits in the repository (tests/fixtures/parity).
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -23,7 +31,26 @@ from .losses import elbo
 from .model import DDLP, Output
 
 
+SLICE = 256          # values kept of every expected tensor in a compact fixture
+GROUPS = ("outputs", "encode_all", "sample")
+
+
+@dataclass
+class Slice:
+    """What a compact fixture keeps of an expected tensor: its shape and the values at
+    `slice_index(numel)` of its flattened form."""
+    shape: tuple[int, ...]
+    values: Tensor
+
+
+def slice_index(numel: int, n: int = SLICE) -> Tensor:
+    """n evenly spaced flat positions, first and last included (all of them for small tensors)."""
+    return torch.linspace(0, numel - 1, min(n, numel)).round().long() if numel else torch.zeros(0, dtype=torch.long)
+
+
 def load_fixture(path: str) -> dict:
+    if os.path.isdir(path):
+        return load_compact(path)
     data = torch.load(path, weights_only=True)
     folder = os.path.dirname(path)
     for part in data["meta"].get("parts", {}):
@@ -38,6 +65,58 @@ def _merge(dst: dict, src: dict) -> None:
             _merge(dst[k], v)
         else:
             dst[k] = v
+
+
+def write_compact(fx: dict, out_dir: str) -> None:
+    """A compact copy of fixture `fx` in out_dir. Weights keep their exact storage layout: the
+    official harness builds many as strided views of a small buffer, so they cost little."""
+    from safetensors.torch import save_file
+
+    from .checkpoint import atomic_write
+    tensors: dict[str, Tensor] = {"input": fx["input"].contiguous()}
+    weights, storages = {}, {}
+    for name, t in fx["state_dict"].items():
+        key = storages.setdefault(t.untyped_storage().data_ptr(), f"storage.{len(storages)}")
+        if key not in tensors:
+            tensors[key] = torch.empty(0, dtype=t.dtype).set_(t.untyped_storage()).clone()
+        weights[name] = dict(storage=key, shape=list(t.shape), stride=list(t.stride()), offset=t.storage_offset())
+    shapes = {}
+    for group in GROUPS:
+        for name, ref in (fx.get(group) or {}).items():
+            values = ref.values if isinstance(ref, Slice) else ref.flatten()[slice_index(ref.numel())]
+            tensors[f"{group}.{name}"] = values.contiguous()
+            shapes[f"{group}.{name}"] = list(ref.shape)
+    losses = {v: {k: float(x) for k, x in d.items()} for v, d in fx["losses"].items()}
+    doc = dict(meta={**_plain(fx["meta"]), "compact_slice": SLICE}, config=_plain(fx["config"]),
+               calls=_plain(fx["calls"]), weights=weights, shapes=shapes, losses=losses)
+    out = Path(out_dir)
+    atomic_write(out / "tensors.safetensors", lambda p: save_file(tensors, p))
+    atomic_write(out / "fixture.json", lambda p: Path(p).write_text(json.dumps(doc, indent=1, sort_keys=True)))
+
+
+def _plain(obj):
+    """Fixture metadata (ordered dicts, tuples, tensors) as JSON values."""
+    if isinstance(obj, dict):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    if isinstance(obj, Tensor):
+        return obj.tolist()
+    return obj
+
+
+def load_compact(folder: str) -> dict:
+    from safetensors.torch import load_file
+    doc = json.loads(open(os.path.join(folder, "fixture.json")).read())
+    tensors = load_file(os.path.join(folder, "tensors.safetensors"))
+    state = {name: torch.as_strided(tensors[w["storage"]], w["shape"], w["stride"], w["offset"])
+             for name, w in doc["weights"].items()}
+    fx = dict(meta=doc["meta"], config=doc["config"], calls=doc["calls"], state_dict=state,
+              input=tensors["input"], losses=doc["losses"])
+    for key, shape in doc["shapes"].items():
+        group, name = key.split(".", 1)
+        fx.setdefault(group, {})[name] = Slice(tuple(shape), tensors[key])
+    return fx
 
 
 def fixture_config(fx: dict) -> Config:
@@ -88,15 +167,18 @@ class Check:
         return f"{self.name:<48} {self.error:11.3e}  tol {self.tolerance:9.2e}  {'ok' if self.ok else 'FAIL'}"
 
 
-def _compare(name: str, ours: Tensor | None, ref: Tensor, atol: float) -> Check:
+def _compare(name: str, ours: Tensor | None, ref: Tensor | Slice, atol: float) -> Check:
     if ours is None:
         return Check(name + " (missing)", float("inf"), atol, False)
     ours = ours.detach().float()
-    if ours.shape != ref.shape:
-        if ours.numel() == ref.numel() and name.startswith(("outputs/", "encode_all/")):
-            ours = ours.reshape(ref.shape)      # [B, T, ...] -> official frame-flattened [B*T, ...]
+    shape = torch.Size(ref.shape)
+    if ours.shape != shape:
+        if ours.numel() == shape.numel() and name.startswith(("outputs/", "encode_all/")):
+            ours = ours.reshape(shape)          # [B, T, ...] -> official frame-flattened [B*T, ...]
         else:
-            return Check(f"{name} (shape {tuple(ours.shape)} vs {tuple(ref.shape)})", float("inf"), atol, False)
+            return Check(f"{name} (shape {tuple(ours.shape)} vs {tuple(shape)})", float("inf"), atol, False)
+    if isinstance(ref, Slice):
+        ours, ref = ours.flatten()[slice_index(shape.numel())], ref.values
     err = (ours - ref.float()).abs().max().item() if ref.numel() else 0.0
     return Check(name, err, atol, err <= atol)
 
@@ -165,8 +247,8 @@ def run_fixture(path: str, atol: float = 1e-4, rtol_loss: float = 1e-4, atol_los
                         z_features=particles.features, z_bg_features=particles.bg_features)
             for name, ref in fx["sample"].items():
                 if name == "z_ids":
-                    ids = torch.arange(1, config.n_kp_enc + 1).expand_as(ref)
-                    checks.append(_compare("sample/z_ids", ids.float(), ref.float(), 0.0))
+                    ids = torch.arange(1, config.n_kp_enc + 1).expand(ref.shape)
+                    checks.append(_compare("sample/z_ids", ids.float(), ref, 0.0))
                     continue
                 checks.append(_compare(f"sample/{name}", ours.get(name), ref, atol))
     return checks
@@ -174,14 +256,26 @@ def run_fixture(path: str, atol: float = 1e-4, rtol_loss: float = 1e-4, atol_los
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m ddlp.parity", description=__doc__.split("\n\n")[0])
-    ap.add_argument("fixtures", nargs="+", help="fixture .pt files (parts are found beside them)")
+    ap.add_argument("fixtures", nargs="+", help="fixture .pt files (parts are found beside them) or compact "
+                    "fixture folders")
     ap.add_argument("--atol", type=float, default=1e-4, help="max abs error for tensors (default 1e-4)")
     ap.add_argument("--rtol-loss", type=float, default=1e-4, help="relative tolerance for loss scalars")
     ap.add_argument("--atol-loss", type=float, default=1e-5, help="absolute slack for loss scalars")
+    ap.add_argument("--write-compact", metavar="DIR", help="write a compact copy of the one fixture given to "
+                    "DIR (then check the copy)")
     args = ap.parse_args(argv)
+    if args.write_compact:
+        if len(args.fixtures) != 1:
+            ap.error("--write-compact takes exactly one fixture")
+        if not os.path.exists(args.fixtures[0]):
+            print(f"{args.fixtures[0]}: no such fixture file", file=sys.stderr)
+            return 2
+        write_compact(load_fixture(args.fixtures[0]), args.write_compact)
+        print(f"wrote {args.write_compact} (fixture.json, tensors.safetensors)")
+        args.fixtures = [args.write_compact]
     failed = 0
     for path in args.fixtures:
-        if not os.path.isfile(path):
+        if not os.path.exists(path):
             print(f"{path}: no such fixture file", file=sys.stderr)
             return 2
         print(f"== {path}")
