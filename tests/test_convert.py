@@ -108,6 +108,9 @@ def test_convert_cli_round_trip(tmp_path, capsys):
     hparams.write_text(json.dumps(hp))
     assert cli(["convert", str(ckpt), "--hparams", str(hparams), "--out", str(tmp_path / "out")]) == 0
     loaded = ParticleModel.from_pretrained(tmp_path / "out")
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "library_name: ddlp" in card and "| model | DLPv2 (single images) |" in card
+    assert "converted from the official implementation's checkpoint dlp.pth" in card
     x = torch.rand(2, 3, 64, 64)
     with torch.no_grad():
         a, b = model.eval()(x, deterministic=True).rec, loaded.eval()(x, deterministic=True).rec

@@ -130,7 +130,7 @@ def test_decode_reconstructs_forward():
 def test_save_and_load_round_trip(tmp_path):
     model = DDLP(small(pint_relative_bias=False)).eval()
     model.save_pretrained(tmp_path / "m")
-    assert {p.name for p in (tmp_path / "m").iterdir()} == {"model.safetensors", "config.json"}
+    assert {p.name for p in (tmp_path / "m").iterdir()} == {"model.safetensors", "config.json", "README.md"}
     loaded = ParticleModel.from_pretrained(tmp_path / "m").eval()
     assert isinstance(loaded, DDLP) and loaded.config == model.config
     for (k, a), (k2, b) in zip(model.state_dict().items(), loaded.state_dict().items()):

@@ -245,7 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=hlp, description=hlp)
         src = p.add_mutually_exclusive_group()
         src.add_argument("--preset", default="balls", choices=PRESETS, help="official configuration (default balls)")
-        src.add_argument("--model-dir", help="a ddlp model directory (from `ddlp convert` or training)")
+        src.add_argument("--model-dir", help="a ddlp model directory (from `ddlp convert` or training) or a "
+                         "Hugging Face Hub id (org/name; needs ddlp[hub])")
         if name == "info":
             p.add_argument("--json", action="store_true", help="also print the full config")
         else:

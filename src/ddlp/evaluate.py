@@ -140,8 +140,9 @@ def _best_step(run: Path) -> Optional[int]:
 def resolve_checkpoint(path: str | Path, use_last: bool = False) -> tuple[Path, dict]:
     """The model directory behind `path` (a model directory, or a training run: its best/ model,
     else the latest checkpoint) and a description of what was picked."""
+    from .checkpoint import model_directory
     from .train import latest_checkpoint
-    p = Path(path).expanduser()
+    p = model_directory(path)
     if p.is_file():
         if p.name == WEIGHTS:
             p = p.parent

@@ -133,14 +133,27 @@ class ParticleModel(nn.Module):
         return fg.bg_mask * self.decode_background(p.bg_features) + fg.image
 
     # ------------------------------------------------------------------ persistence
-    def save_pretrained(self, directory: str | Path) -> None:
+    def save_pretrained(self, directory: str | Path, metrics: Optional[dict] = None) -> None:
+        """config.json, model.safetensors and a model card (README.md, with `metrics` if given)."""
         from .checkpoint import save_pretrained
-        save_pretrained(self, directory)
+        save_pretrained(self, directory, metrics=metrics)
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, map_location: str = "cpu") -> "ParticleModel":
+    def from_pretrained(cls, directory: str | Path, map_location: str = "cpu",
+                        revision: Optional[str] = None) -> "ParticleModel":
+        """A model from a local model directory or a Hugging Face Hub id ("org/name"; needs
+        `ddlp[hub]`). Called on DLP or DDLP, it refuses a model of the other kind."""
         from .checkpoint import load_pretrained
-        return load_pretrained(directory, map_location)
+        model = load_pretrained(directory, map_location, revision)
+        if not isinstance(model, cls):
+            raise TypeError(f"{directory} holds a {type(model).__name__} model, not a {cls.__name__}; "
+                            f"use {type(model).__name__}.from_pretrained or ParticleModel.from_pretrained")
+        return model
+
+    def push_to_hub(self, repo_id: str, **kwargs) -> str:
+        """Upload to the Hugging Face Hub (see ddlp.checkpoint.push_to_hub); returns the commit URL."""
+        from .checkpoint import push_to_hub
+        return push_to_hub(self, repo_id, **kwargs)
 
     def track(self, x: Tensor, *, deterministic: bool = False, warmup: bool = False,
               noisy: bool = False, train_prior: bool = True,

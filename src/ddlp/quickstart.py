@@ -98,6 +98,8 @@ def run(out_dir: str = "runs/quickstart", data_dir: str = "data/balls", minutes:
     budget_used = time.time() - t0 - setup
 
     report = evaluate_quickstart(model, out, root, cond, horizon, gif_episodes)
+    save_pretrained(model, out / "best", metrics={k: v for k, v in report.items()
+                                                  if isinstance(v, (int, float)) and not isinstance(v, bool)})
     metrics = dict(report, minutes=minutes, budget_split=budget, setup_seconds=setup,
                    joint_seconds=joint_seconds, joint_steps=trainer.global_step, joint_stopped=joint_stopped,
                    encode_seconds=encode_seconds, budget_seconds=budget_used, **prior,

@@ -388,8 +388,9 @@ def what_if(model, frames: Tensor, edits: Sequence[Edit], horizon: int, *, cond_
 def load_ddlp(path: str | Path, map_location: str = "cpu"):
     """A DDLP from a model directory (config.json + model.safetensors) or a training run folder
     (its `best/` model, else its latest checkpoint). ValueError if it is not a DDLP."""
+    from .checkpoint import model_directory
     from .model import ParticleModel
-    path = Path(path).expanduser()
+    path = model_directory(path)
     if not path.exists():
         raise FileNotFoundError(f"no such checkpoint: {path}")
     if path.is_file():
