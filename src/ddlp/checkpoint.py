@@ -47,12 +47,13 @@ def atomic_write(path: Path, write) -> None:
 
 def save_pretrained(model: torch.nn.Module, directory: str | Path, metrics: Optional[dict] = None,
                     source: Optional[str] = None) -> None:
-    """Weights, config and model card (see `model_card`) of `model` in `directory`."""
+    """Weights, config and (for DLP/DDLP models) model card (see `model_card`) of `model` in `directory`."""
     directory = Path(directory)
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     atomic_write(directory / WEIGHTS, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
     atomic_write(directory / CONFIG, lambda p: Path(p).write_text(json.dumps(model.config.to_dict(), indent=2)))
-    write_model_card(directory, model.config, sum(t.numel() for t in tensors.values()), metrics, source)
+    if isinstance(model.config, Config):
+        write_model_card(directory, model.config, sum(t.numel() for t in tensors.values()), metrics, source)
 
 
 def write_model_card(directory: str | Path, config: Config, n_params: int, metrics: Optional[dict] = None,
