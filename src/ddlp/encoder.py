@@ -13,10 +13,14 @@ from torch import Tensor, nn
 
 from .nn.blocks import ConvEncoder, mlp
 from .nn.glimpse import correlation_maps, crop
+from .nn.precision import full_precision
 from .particles import Particles
 
 
 def reparameterize(mu: Tensor, logvar: Tensor, deterministic: bool) -> Tensor:
+    """A sample of N(mu, e^logvar), or mu. In float32 whatever the autocast dtype: a bf16 position
+    would be quantised to ~1/128 of the image half-side."""
+    mu, logvar = full_precision(mu), full_precision(logvar)
     if deterministic:
         return mu
     return mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
@@ -145,8 +149,8 @@ def encode_frame(attr_enc: AttributeEncoder, app_enc: AppearanceEncoder, x: Tens
         attrs = attr_enc(x, anchor.detach(), prev_scale, prev_glimpses)
 
     position_mu = anchor + attrs.offset_mu
-    a = torch.exp(attrs.log_a).clamp_min(1e-5)
-    b = torch.exp(attrs.log_b).clamp_min(1e-5)
+    a = torch.exp(full_precision(attrs.log_a)).clamp_min(1e-5)    # float32: the Beta sampler has no bf16 kernel
+    b = torch.exp(full_precision(attrs.log_b)).clamp_min(1e-5)
     position = reparameterize(position_mu, attrs.offset_logvar, deterministic)
     if not deterministic:   # the official code draws an unused offset sample here (RNG order)
         reparameterize(attrs.offset_mu, attrs.offset_logvar, deterministic)

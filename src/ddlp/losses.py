@@ -19,22 +19,27 @@ from torch import Tensor
 
 from .config import Config
 from .model import Output
+from .nn.precision import full_precision
 from .particles import Particles
 
 
 # ---------------------------------------------------------------------------- primitives
 def gaussian_kl(mu: Tensor, logvar: Tensor, mu_p, logvar_p, dim: int | tuple = -1) -> Tensor:
-    """KL(N(mu, e^logvar) || N(mu_p, e^logvar_p)), summed over `dim`."""
-    logvar_p = torch.as_tensor(logvar_p, dtype=mu.dtype, device=mu.device)
+    """KL(N(mu, e^logvar) || N(mu_p, e^logvar_p)), summed over `dim`; in float32 (autocast-safe)."""
+    mu, logvar = full_precision(mu), full_precision(logvar)
+    mu_p = full_precision(mu_p) if isinstance(mu_p, Tensor) else mu_p
+    logvar_p = full_precision(torch.as_tensor(logvar_p, dtype=mu.dtype, device=mu.device))
     kl = -0.5 * (1 + logvar - logvar_p - logvar.exp() / logvar_p.exp()
                  - (mu - mu_p).pow(2) / logvar_p.exp())
     return kl.sum(dim)
 
 
 def beta_divergence(a: Tensor, b: Tensor, a_p, b_p) -> Tensor:
-    """KL(Beta(a, b) || Beta(a_p, b_p)) element-wise (1e-5 inside lgamma/digamma, as upstream)."""
-    a_p = torch.as_tensor(a_p, dtype=a.dtype, device=a.device)
-    b_p = torch.as_tensor(b_p, dtype=a.dtype, device=a.device)
+    """KL(Beta(a, b) || Beta(a_p, b_p)) element-wise (1e-5 inside lgamma/digamma, as upstream),
+    in float32 (lgamma/digamma in bf16 lose the small differences the KL is made of)."""
+    a, b = full_precision(a), full_precision(b)
+    a_p = full_precision(torch.as_tensor(a_p, dtype=a.dtype, device=a.device))
+    b_p = full_precision(torch.as_tensor(b_p, dtype=a.dtype, device=a.device))
     eps = 1e-5
 
     def log_beta(x, y):
@@ -53,8 +58,9 @@ def chamfer_kl(points: Tensor, targets: Tensor, logvar_p: float = 0.0) -> Tensor
 
 
 def pixel_sse(rec: Tensor, target: Tensor) -> Tensor:
-    """Per-image sum of squared errors over the last three dims."""
-    return (rec - target).pow(2).sum((-3, -2, -1))
+    """Per-image sum of squared errors over the last three dims (float32: a bf16 sum of 12k terms
+    keeps ~3 significant digits)."""
+    return (full_precision(rec) - full_precision(target)).pow(2).sum((-3, -2, -1))
 
 
 ReconLoss = Callable[[Tensor, Tensor], Tensor]   # (rec [N,3,h,w], target) -> per-image [N]
@@ -62,7 +68,7 @@ ReconLoss = Callable[[Tensor, Tensor], Tensor]   # (rec [N,3,h,w], target) -> pe
 
 def psnr(rec: Tensor, target: Tensor) -> Tensor:
     with torch.no_grad():
-        return -10 * torch.log10((rec - target).pow(2).mean())
+        return -10 * torch.log10((full_precision(rec) - full_precision(target)).pow(2).mean())
 
 
 @dataclass

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .nn.precision import full_precision
 from .particles import Particles
 
 
@@ -215,7 +216,7 @@ class PINT(nn.Module):
         gradient into the shared layers (the other heads still learn): a training option, see
         ddlp.prior_tuning."""
         r = self.readout
-        h = r.backbone(h)
+        h = full_precision(r.backbone(h))   # distributions in float32 under autocast (Beta, KL, sampling)
         fg, bg = h[..., :-1, :], h[..., -1, :]
         py, px = r.position_y_head(fg), r.position_x_head(fg)
         if position_only_trunk:
