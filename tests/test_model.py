@@ -167,6 +167,7 @@ def test_bad_input_messages():
     (dict(ch=1), "RGB"), (dict(enable_enc_attn=True), "not implemented"),
     (dict(enc_channels=[8, 8, 8, 8, 8, 8]), "background map"),
     (dict(image_size="64"), "image_size must be of type int"), (dict(beta_kl=True), "beta_kl"),
+    (dict(start_dyn_epoch=2), "start_dyn_epoch 2: holding the dynamics back .* is not implemented"),
 ])
 def test_invalid_config_values(change, message):
     with pytest.raises(ConfigError, match=message):
@@ -236,3 +237,31 @@ def test_low_memory_background_gives_the_same_gradients():
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
     assert torch.allclose(grads[0], grads[1], rtol=1e-4, atol=1e-5)
     assert grads[0].abs().sum() > 0
+
+
+def test_encoder_heads_follow_the_hidden_width():
+    from ddlp.encoder import AppearanceEncoder, AttributeEncoder
+    attr = AttributeEncoder([8, 16], glimpse=8, image_size=32, correlation=True, hidden=48)
+    a = attr(torch.rand(2, 3, 32, 32), torch.zeros(2, 5, 2))
+    assert attr.depth_head.in_features == 48 and a.offset_mu.shape == (2, 5, 2) and a.log_a.shape == (2, 5)
+    app = AppearanceEncoder([8, 16], glimpse=8, features_dim=3, hidden=40)
+    mu, logvar = app(torch.rand(2, 5, 3, 8, 8))
+    assert app.features_head.in_features == 40 and mu.shape == logvar.shape == (2, 5, 3)
+
+
+@pytest.mark.parametrize("model_type,frames", [("ddlp", 5), ("dlp", None)])
+def test_the_vgg_objective_is_scaled_in_the_loss_not_in_the_logs(model_type, frames):
+    """The official trainer multiplies the whole objective by 1e-3 with the perceptual loss; the
+    named parts stay unscaled. Same reconstruction function both ways, so only the scale differs."""
+    from ddlp.losses import elbo, pixel_sse
+    torch.manual_seed(0)
+    cfg = small(model_type)
+    model = build_model(cfg).eval()
+    x = moving_discs(frames=frames or 1, size=64, batch=2, seed=3)
+    x = x if frames else x[:, 0]
+    with torch.no_grad():
+        out = model(x, deterministic=True)
+        mse = elbo(out, x, cfg, recon=pixel_sse)
+        vgg_cfg = Config.from_dict({**cfg.to_dict(), "recon_loss_type": "vgg"})
+        scaled = elbo(out, x, vgg_cfg, recon=pixel_sse)
+    assert torch.allclose(scaled["loss"], 1e-3 * mse["loss"]) and torch.equal(scaled["loss_rec"], mse["loss_rec"])

@@ -262,3 +262,53 @@ def test_cli_trains_under_autocast(tmp_path, precision):
     assert math.isfinite(loss) and loss > 0
     weights = ParticleModel.from_pretrained(latest_checkpoint(tmp_path / "run")).state_dict().values()
     assert all(w.dtype == torch.float32 and torch.isfinite(w).all() for w in weights)
+
+
+class _Payload:
+    """Unpickling this would call print: what a hostile state.pt could do with os.system."""
+
+    def __reduce__(self):
+        return (print, ("pickled code ran",))
+
+
+def test_training_state_loads_without_running_pickled_code(tmp_path, capsys):
+    import pickle
+    import random as pyrandom
+
+    import numpy as np
+
+    from ddlp.checkpoint import load_state, rng_state, set_rng_state
+    torch.manual_seed(3), np.random.seed(4), pyrandom.seed(5)
+    torch.save(dict(rng=rng_state(), best_val=float("inf")), tmp_path / "state.pt")
+    expected = torch.rand(3), np.random.rand(3), pyrandom.random()
+    st = load_state(tmp_path / "state.pt")
+    set_rng_state(st["rng"])
+    assert torch.equal(torch.rand(3), expected[0]) and np.array_equal(np.random.rand(3), expected[1])
+    assert pyrandom.random() == expected[2] and st["best_val"] == float("inf")
+    # runs saved before this format kept numpy's raw state tuple (an ndarray): still readable
+    np.random.seed(4)
+    torch.save(dict(rng=dict(torch=torch.get_rng_state(), numpy=np.random.get_state(), python=pyrandom.getstate(),
+                             cuda=None)), tmp_path / "old.pt")
+    set_rng_state(load_state(tmp_path / "old.pt")["rng"])
+    assert np.array_equal(np.random.rand(3), expected[1])
+    torch.save(dict(rng=_Payload()), tmp_path / "evil.pt")
+    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
+        load_state(tmp_path / "evil.pt")
+    assert "pickled code ran" not in capsys.readouterr().out
+
+
+def test_train_enc_prior_false_detaches_the_proposals_in_training():
+    """The official trainer's train_enc_prior=False: the keypoint prior then learns from its own
+    Chamfer-KL only, not through the encoder's use of the proposals."""
+    from ddlp.model import build_model
+    from ddlp.train import Objective
+    x = Clips(n=2).data
+    grads = {}
+    for flag in (True, False):
+        torch.manual_seed(0)
+        model = build_model(tiny_config(train_enc_prior=flag))
+        logs, _ = Objective(model)(x, warmup=False, noisy=False, discount=None)
+        prior = [p for n, p in model.named_parameters() if n.startswith("prior.")]
+        grads[flag] = torch.autograd.grad(logs["loss"], prior, allow_unused=True)
+    assert all(g is not None and torch.isfinite(g).all() for g in grads[False])
+    assert any(not torch.allclose(a, b) for a, b in zip(grads[True], grads[False]))

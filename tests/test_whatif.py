@@ -299,3 +299,18 @@ def test_model_method_is_the_function(model, clip, central):
     a = model.what_if(clip, [W.move(k, dx=0.1)], 3)
     b = W.what_if(model, clip, [W.move(k, dx=0.1)], 3)
     assert torch.equal(a.edited, b.edited) and not torch.equal(a.edited, a.original)
+
+
+def test_the_default_burn_in_is_the_models(tmp_path, capsys):
+    from ddlp.studio import Studio
+    torch.manual_seed(0)
+    three = build_model(Config.preset("balls_small", n_kp_enc=4, n_kp_prior=10, topk=4, num_static_frames=3)).eval()
+    r = W.what_if(three, balls_clip(length=5), [W.move(0, dx=0.05)], 2)
+    assert r.cond_steps == 3 and tuple(r.edit_frames) == (0, 3) and r.edited.shape[1] == 3 + 2
+    assert W.encode_conditioning(three, balls_clip(length=5)).position.shape[1] == 3
+    assert Studio(three, {}).info()["cond_steps"] == 3
+    three.save_pretrained(tmp_path / "m")
+    assert main(["what-if", str(tmp_path / "m"), "--balls", "0", "--move", "0:0.05,0", "--horizon", "1",
+                 "--out", str(tmp_path / "out")]) == 0
+    record = json.loads((tmp_path / "out" / "edits.json").read_text())
+    assert record["cond_steps"] == 3 and record["edit_frames"] == [0, 3]

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import re
 import tempfile
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -135,3 +137,42 @@ def push_to_hub(model: torch.nn.Module, repo_id: str, *, metrics: Optional[dict]
         save_pretrained(model, tmp, metrics=metrics)
         info = api.upload_folder(repo_id=repo_id, folder_path=tmp, commit_message=commit_message)
     return str(getattr(info, "commit_url", info))
+
+
+# ------------------------------------------------------------------------------ training state
+def rng_state() -> dict:
+    """Every random generator a training step draws from, as tensors and plain values, so that
+    `load_state` reads it back with torch.load(weights_only=True)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return dict(torch=torch.get_rng_state(), python=random.getstate(),
+                numpy=dict(kind=kind, keys=torch.from_numpy(keys.astype(np.int64)), pos=int(pos),
+                           has_gauss=int(has_gauss), cached_gaussian=float(cached)),
+                cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore what `rng_state` captured (or the raw numpy tuple of runs saved before it)."""
+    torch.set_rng_state(state["torch"].cpu())
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]) if isinstance(n, dict) else n)
+    random.setstate(state["python"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _numpy_array_globals() -> list:
+    """What a pickled numpy array refers to: its reconstruction function, ndarray and dtypes."""
+    try:
+        from numpy._core.multiarray import _reconstruct
+    except ImportError:                                   # numpy < 2
+        from numpy.core.multiarray import _reconstruct
+    return [_reconstruct, np.ndarray, np.dtype, *{type(np.dtype(t)) for t in (np.uint32, np.int64, np.float64)}]
+
+
+def load_state(path: str | Path, map_location: str = "cpu") -> dict:
+    """A training state (state.pt: optimizer, schedule, RNG, counters) read without running
+    pickled code: torch.load(weights_only=True), with numpy arrays allowed for the RNG state of
+    runs saved before `rng_state` stored tensors."""
+    with torch.serialization.safe_globals(_numpy_array_globals()):
+        return torch.load(path, map_location=map_location, weights_only=True)

@@ -164,6 +164,8 @@ class Config:
         need(list(self.kp_range) == [-1, 1], "only kp_range [-1, 1] is supported")
         need(not self.enable_enc_attn, "enable_enc_attn (unused by every published config) is not implemented")
         need(not self.use_resblock, "use_resblock (unused by every published config) is not implemented")
+        need(self.start_dyn_epoch == 0, f"start_dyn_epoch {self.start_dyn_epoch}: holding the dynamics back for the "
+             "first epochs (the official static-ELBO warm start, 0 in every published config) is not implemented")
         need(self.recon_loss_type in ("mse", "vgg"), "recon_loss_type must be 'mse' or 'vgg'")
         need(self.pint_dim % self.pint_heads == 0,
              f"pint_dim ({self.pint_dim}) must be divisible by pint_heads ({self.pint_heads})")

@@ -58,15 +58,15 @@ class AttributeEncoder(GlimpseEncoder):
     glimpse over this one (all zeros when there is no previous frame)."""
 
     def __init__(self, channels: list[int], glimpse: int, image_size: int, correlation: bool,
-                 activation: str = "tanh", max_offset: float = 1.0):
-        super().__init__(4 if correlation else 3, channels, glimpse)
+                 activation: str = "tanh", max_offset: float = 1.0, hidden: int = 256):
+        super().__init__(4 if correlation else 3, channels, glimpse, hidden)
         self.glimpse, self.image_size, self.correlation = glimpse, image_size, correlation
         self.activation, self.max_offset = activation, max_offset
-        self.offset_y_head = nn.Linear(256, 2)   # (mu, logvar) of the row offset
-        self.offset_x_head = nn.Linear(256, 2)   # (mu, logvar) of the column offset
-        self.scale_head = nn.Linear(256, 4)      # mu (y, x), logvar (y, x)
-        self.transparency_head = nn.Linear(256, 2)  # log a, log b
-        self.depth_head = nn.Linear(256, 2)      # mu, logvar
+        self.offset_y_head = nn.Linear(hidden, 2)   # (mu, logvar) of the row offset
+        self.offset_x_head = nn.Linear(hidden, 2)   # (mu, logvar) of the column offset
+        self.scale_head = nn.Linear(hidden, 4)      # mu (y, x), logvar (y, x)
+        self.transparency_head = nn.Linear(hidden, 2)  # log a, log b
+        self.depth_head = nn.Linear(hidden, 2)      # mu, logvar
 
     def glimpses(self, x: Tensor, anchors: Tensor, scale: Optional[Tensor],
                  prev_glimpses: Optional[Tensor]) -> Tensor:
@@ -102,10 +102,10 @@ class AttributeEncoder(GlimpseEncoder):
 class AppearanceEncoder(GlimpseEncoder):
     """Visual features of each particle from a glimpse at its (sampled) position and scale."""
 
-    def __init__(self, channels: list[int], glimpse: int, features_dim: int):
-        super().__init__(3, channels, glimpse)
+    def __init__(self, channels: list[int], glimpse: int, features_dim: int, hidden: int = 256):
+        super().__init__(3, channels, glimpse, hidden)
         self.glimpse = glimpse
-        self.features_head = nn.Linear(256, 2 * features_dim)
+        self.features_head = nn.Linear(hidden, 2 * features_dim)
 
     def crop(self, x: Tensor, position: Tensor, scale: Tensor) -> Tensor:
         """Glimpses [B, K, 3, g, g] at the particles (scale pre-sigmoid)."""

@@ -151,7 +151,7 @@ def dlp_elbo(out: Output, x: Tensor, config: Config, *, warmup: bool = False, no
     kl_kp = 0.5 * kl_balance * t["chamfer"].mean() + t["offset"].mean()
     kl = _combine(kl_kp, t["scale"].mean(), t["obj_on"].mean(), t["features"].mean(), kl_bg,
                   t["depth"].mean(), kl_balance)
-    loss = beta_rec * loss_rec + beta_kl * kl
+    loss = objective_scale(c) * (beta_rec * loss_rec + beta_kl * kl)
     return _logs(loss, out, x, warmup, config, kl=kl, loss_rec=loss_rec, kl_kp=kl_kp,
                  kl_feat=t["features"].mean() + kl_bg, kl_on=t["obj_on"].mean(),
                  kl_scale=t["scale"].mean(), kl_depth=t["depth"].mean())
@@ -216,16 +216,20 @@ def ddlp_elbo(out: Output, x: Tensor, config: Config, *, warmup: bool = False, n
 
     kl_dyn = dynamics_kl(p, q, ns, disc)
 
-    loss = (beta_rec * loss_rec + beta_kl * kl + beta_dyn * kl_dyn) / T1
+    loss = objective_scale(c) * (beta_rec * loss_rec + beta_kl * kl + beta_dyn * kl_dyn) / T1
     return _logs(loss, out, x, warmup, config, kl=kl, loss_rec=loss_rec, kl_kp=kl_kp,
                  kl_feat=per_clip["features"] + kl_bg, kl_on=per_clip["obj_on"],
                  kl_scale=per_clip["scale"], kl_depth=per_clip["depth"], kl_dyn=kl_dyn)
 
 
+def objective_scale(config: Config) -> float:
+    """Factor on the whole objective: the official trainer multiplies it by 1e-3 with the VGG
+    perceptual loss (whose values are ~1e3x the MSE sums), by 1 otherwise."""
+    return 1e-3 if config.recon_loss_type == "vgg" else 1.0
+
+
 def _logs(loss, out, x, warmup, config, *, kl, loss_rec, kl_kp, kl_feat, kl_on, kl_scale,
           kl_depth, kl_dyn=None) -> dict[str, Tensor]:
-    if config.recon_loss_type == "vgg":
-        loss = 1e-3 * loss
     logs = dict(loss=loss,
                 psnr=torch.zeros((), device=x.device) if warmup else psnr(out.rec, x),
                 kl=kl, loss_rec=loss_rec,

@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import random
 import shutil
 import time
 from dataclasses import dataclass
@@ -31,7 +30,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from .checkpoint import atomic_write, save_pretrained
+from .checkpoint import atomic_write, load_state, rng_state, save_pretrained, set_rng_state
 from .config import Config
 from .losses import elbo
 from .model import ParticleModel, build_model
@@ -106,7 +105,8 @@ class Objective(nn.Module):
         c = self.model.config
         if not c.is_video and x.ndim == 5 and not c.use_tracking:
             x = x.flatten(0, 1)                 # a single-image model sees every frame of a clip
-        out = self.model(x, warmup=warmup, noisy=noisy)
+        # train_enc_prior false: the proposals reach the encoder detached, as the official trainer does
+        out = self.model(x, warmup=warmup, noisy=noisy, train_prior=c.train_enc_prior)
         kwargs = dict(warmup=warmup, noisy=noisy, recon=self.recon)
         if c.is_video:
             kwargs["discount"] = discount
@@ -217,10 +217,7 @@ class Trainer:
     def state(self) -> dict:
         return dict(epoch=self.epoch, step_in_epoch=self.step_in_epoch, global_step=self.global_step,
                     iteration=self.iteration, best_val=self.best_val,
-                    optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict(),
-                    rng=dict(torch=torch.get_rng_state(), numpy=np.random.get_state(),
-                             python=random.getstate(),
-                             cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None))
+                    optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict(), rng=rng_state())
 
     def save_checkpoint(self) -> Path:
         """Write checkpoints/step-N/ completely, then point `latest` at it: a crash at any moment
@@ -246,16 +243,12 @@ class Trainer:
             return False
         from safetensors.torch import load_file
         self.model.load_state_dict(load_file(ckpt / "model.safetensors"))
-        st = torch.load(ckpt / "state.pt", weights_only=False)
+        st = load_state(ckpt / "state.pt")
         self.optimizer.load_state_dict(st["optimizer"])
         self.scheduler.load_state_dict(st["scheduler"])
         for k in ("epoch", "step_in_epoch", "global_step", "iteration", "best_val"):
             setattr(self, k, st[k])
-        torch.set_rng_state(st["rng"]["torch"])
-        np.random.set_state(st["rng"]["numpy"])
-        random.setstate(st["rng"]["python"])
-        if st["rng"]["cuda"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(st["rng"]["cuda"])
+        set_rng_state(st["rng"])
         return True
 
     # -------------------------------------------------------------------- evaluation

@@ -28,7 +28,7 @@ from torch import Tensor
 
 from .particles import Particles
 
-BURN_IN = 4                      # the paper's tau: edits and conditioning default to these frames
+BURN_IN = 4                      # the paper's tau: edits default to these frames where no model says otherwise
 ATTRIBUTES = ("position", "scale", "depth", "transparency", "features", "bg_features")
 OPERATIONS = {"position": ("add", "set"), "scale": ("mul", "set"), "depth": ("add", "set"),
               "transparency": ("set",), "features": ("copy", "swap", "set"),
@@ -301,9 +301,16 @@ def as_clip(frames: Tensor) -> Tensor:
     return frames[None] if frames.ndim == 4 else frames
 
 
-def encode_conditioning(model, frames: Tensor, cond_steps: int = BURN_IN) -> Particles:
-    """Deterministic posterior values of the first `cond_steps` frames: [B, cond, K, ...]."""
+def burn_in(model) -> int:
+    """The model's burn-in (config.num_static_frames): the default conditioning and edit frames."""
+    return int(model.config.num_static_frames)
+
+
+def encode_conditioning(model, frames: Tensor, cond_steps: Optional[int] = None) -> Particles:
+    """Deterministic posterior values of the first `cond_steps` frames (default: the model's
+    burn-in): [B, cond, K, ...]."""
     check_ddlp(model)
+    cond_steps = cond_steps or burn_in(model)
     frames = as_clip(frames)
     if frames.shape[1] < cond_steps:
         raise ValueError(f"the clip has {frames.shape[1]} frame(s), fewer than the {cond_steps} "
@@ -362,17 +369,18 @@ def what_if(model, frames: Tensor, edits: Sequence[Edit], horizon: int, *, cond_
             progress: bool = False) -> WhatIfResult:
     """Original and edited rollouts of a clip.
 
-    frames: [T, 3, H, W] or [B, T, 3, H, W] with T >= cond_steps (default 4, the burn-in).
+    frames: [T, 3, H, W] or [B, T, 3, H, W] with T >= cond_steps (default: the model's burn-in,
+        config.num_static_frames; 4 for the paper's configs).
     edits: `Edit`s (see move, place, rescale, hide, copy_features, ...), applied in order.
     horizon: frames predicted by PINT after the conditioning frames.
-    edit_frames: default (start, stop) of edits without their own range: (0, min(4, cond_steps)).
+    edit_frames: default (start, stop) of edits without their own range: (0, min(burn-in, cond_steps)).
     posterior: the conditioning particles if already encoded (skips the encoder).
     """
     check_ddlp(model)
-    cond = int(cond_steps or BURN_IN)
+    cond = int(burn_in(model) if cond_steps is None else cond_steps)
     if cond < 1 or horizon < 0:
         raise ValueError(f"need cond_steps >= 1 and horizon >= 0, got {cond} and {horizon}")
-    span = tuple(edit_frames) if edit_frames is not None else (0, min(BURN_IN, cond))
+    span = tuple(edit_frames) if edit_frames is not None else (0, min(burn_in(model), cond))
     if not 0 <= span[0] < span[1] or span[0] >= cond:
         raise ValueError(f"edit frames {span[0]}:{span[1]} must start inside the {cond} conditioning frames")
     if posterior is None:

@@ -8,14 +8,15 @@ def cmd_studio(args) -> int:
     import webbrowser
 
     from ..studio import Studio, balls_clips, folder_clips, make_server
-    from ..whatif import load_ddlp
+    from ..whatif import burn_in, load_ddlp
+    model = load_ddlp(args.checkpoint)
+    args.cond_steps = burn_in(model) if args.cond_steps is None else args.cond_steps
     if args.cond_steps < 1 or not 1 <= args.horizon <= 500 or (args.balls or 0) < 0:
         raise ValueError("need --cond-steps >= 1, 1 <= --horizon <= 500 and --balls >= 0")
-    model = load_ddlp(args.checkpoint)
     size = model.config.image_size
     clips = folder_clips(args.clips, size) if args.clips else {}
     n_balls = args.balls if args.balls is not None else (0 if args.clips else 4)
-    clips.update(balls_clips(n_balls, max(args.cond_steps, 4) + 4, size))
+    clips.update(balls_clips(n_balls, args.cond_steps + 4, size))
     if not clips:
         raise ValueError(f"no clips: {args.clips} holds no video, frame folder or .npy/.npz/.h5/.hdf5 array, and --balls is 0")
     studio = Studio(model, clips, cond_steps=args.cond_steps, horizon=args.horizon, name=str(args.checkpoint))
@@ -47,7 +48,8 @@ def add_parser(sub) -> None:
                    "frames, and .npy/.npz/.h5/.hdf5 arrays (their first 8 episodes)")
     p.add_argument("--balls", type=int, metavar="N", help="also offer N generated Balls-Interaction "
                    "episodes (default 4 without --clips, else 0)")
-    p.add_argument("--cond-steps", type=int, default=4, help="conditioning frames (default 4, the burn-in)")
+    p.add_argument("--cond-steps", type=int, help="conditioning frames (default: the model's burn-in, "
+                   "num_static_frames: 4 in the paper's configs)")
     p.add_argument("--horizon", type=int, default=40, help="default number of predicted frames (default 40)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8765, help="port (default 8765; 0 picks a free one)")

@@ -107,12 +107,13 @@ def cmd_what_if(args) -> int:
 
     from ..checkpoint import atomic_write
     from ..viz import save_figure, save_video
-    from ..whatif import load_ddlp, side_by_side_frames, trajectory_figure, what_if, write_trajectories
-    if args.horizon < 0 or args.cond_steps < 1:
-        raise ValueError(f"need --horizon >= 0 and --cond-steps >= 1, got {args.horizon} and {args.cond_steps}")
+    from ..whatif import burn_in, load_ddlp, side_by_side_frames, trajectory_figure, what_if, write_trajectories
     edits = [parse_edit(kind, text) for kind, text in args.edits]
     span = _frame_range(args.frames) if args.frames else None
     model = load_ddlp(args.checkpoint)
+    args.cond_steps = burn_in(model) if args.cond_steps is None else args.cond_steps
+    if args.horizon < 0 or args.cond_steps < 1:
+        raise ValueError(f"need --horizon >= 0 and --cond-steps >= 1, got {args.horizon} and {args.cond_steps}")
     clip, name = load_input(args, model.config.image_size)
     t0 = time.time()
     result = what_if(model, clip, edits, args.horizon, cond_steps=args.cond_steps, edit_frames=span,
@@ -151,10 +152,10 @@ def add_parser(sub) -> None:
     p.add_argument("--episode", type=int, help="episode of --input where it holds several (default 0)")
     p.add_argument("--split", default="test", help="split of a dataset folder given as --input (default test)")
     p.add_argument("--start", type=int, default=0, help="first frame of the clip to use (default 0)")
-    p.add_argument("--cond-steps", type=int, default=4, help="conditioning frames encoded by the "
-                   "posterior (default 4, the burn-in)")
+    p.add_argument("--cond-steps", type=int, help="conditioning frames encoded by the posterior (default: "
+                   "the model's burn-in, num_static_frames: 4 in the paper's configs)")
     p.add_argument("--frames", metavar="START:STOP", help="frames the edits act on, stop exclusive "
-                   "(default 0:4); a stop beyond the conditioning frames keeps re-applying the edits "
+                   "(default: 0 to the burn-in); a stop beyond the conditioning frames keeps re-applying the edits "
                    "to predicted frames")
     p.add_argument("--horizon", type=int, default=50, help="frames predicted after the conditioning "
                    "frames (default 50)")

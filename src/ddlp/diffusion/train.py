@@ -15,19 +15,17 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
 import torch
 from torch import Tensor
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from ..checkpoint import atomic_write, save_pretrained
+from ..checkpoint import atomic_write, load_state, rng_state, save_pretrained, set_rng_state
 from .latents import STATS_FILE, LatentStats, default_clips, encode_dataset, fingerprint, load_tokens, save_tokens
 from .model import DiffuseDDLP, DiffusionConfig, load_ddlp, resolve_ddlp_dir
 
@@ -133,11 +131,8 @@ class DiffusionTrainer:
 
     # -------------------------------------------------------------------- checkpoints
     def state(self) -> dict:
-        cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
         return dict(step=self.step, optimizer=self.optimizer.state_dict(),
-                    n_averaged=self.ema.n_averaged.clone(),
-                    rng=dict(torch=torch.get_rng_state(), numpy=np.random.get_state(), python=random.getstate(),
-                             cuda=cuda))
+                    n_averaged=self.ema.n_averaged.clone(), rng=rng_state())
 
     def save_checkpoint(self) -> Path:
         """checkpoints/step-N/ written completely, then `latest` pointed at it; model/ refreshed."""
@@ -169,16 +164,12 @@ class DiffusionTrainer:
         device = str(self.model.normalizer.fg_mean.device)
         self.model.load_state_dict(load_file(ckpt / "model.safetensors", device=device))
         self.ema_model.load_state_dict(load_file(ckpt / "ema.safetensors", device=device))
-        st = torch.load(ckpt / "state.pt", map_location=device, weights_only=False)
+        st = load_state(ckpt / "state.pt", map_location=device)
         self.optimizer.load_state_dict(st["optimizer"])
         self.ema.n_averaged.copy_(st["n_averaged"])
         self.step = st["step"]
         self.data = self._normalised()      # the checkpoint carries the statistics
-        torch.set_rng_state(st["rng"]["torch"])
-        np.random.set_state(st["rng"]["numpy"])
-        random.setstate(st["rng"]["python"])
-        if st["rng"].get("cuda") is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(st["rng"]["cuda"])
+        set_rng_state(st["rng"])
         return True
 
     # -------------------------------------------------------------------- outputs

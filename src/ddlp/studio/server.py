@@ -112,7 +112,7 @@ class Studio:
     """What the server serves: one DDLP model and named example clips."""
     model: torch.nn.Module
     clips: dict[str, ClipLoader]
-    cond_steps: int = W.BURN_IN
+    cond_steps: Optional[int] = None        # default: the model's burn-in (config.num_static_frames)
     horizon: int = 40
     name: str = ""
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -121,6 +121,7 @@ class Studio:
     def __post_init__(self) -> None:
         W.check_ddlp(self.model)
         self.model.eval()
+        self.cond_steps = self.cond_steps or W.burn_in(self.model)
 
     def info(self) -> dict:
         from ..viz import particle_colours
@@ -130,7 +131,7 @@ class Studio:
                                particles=K, features=c.learned_feature_dim, dataset=c.ds),
                     colours=["#%02x%02x%02x" % rgb for rgb in particle_colours(K)],
                     clips=list(self.clips), cond_steps=self.cond_steps, horizon=self.horizon,
-                    edit_frames=[0, min(W.BURN_IN, self.cond_steps)], max_horizon=MAX_HORIZON)
+                    edit_frames=[0, min(W.burn_in(self.model), self.cond_steps)], max_horizon=MAX_HORIZON)
 
     def _encoded(self, name) -> tuple[Tensor, Particles]:
         """(conditioning frames [1, cond, 3, H, W], their posterior), cached per clip."""
@@ -149,7 +150,7 @@ class Studio:
         edits = req.get("edits") or []
         if not isinstance(edits, list):
             raise BadRequest("edits must be a list")
-        span = req.get("edit_frames") or [0, min(W.BURN_IN, self.cond_steps)]
+        span = req.get("edit_frames") or [0, min(W.burn_in(self.model), self.cond_steps)]
         try:
             span = (int(span[0]), int(span[1]))
         except (TypeError, ValueError, IndexError):
