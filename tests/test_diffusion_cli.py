@@ -83,10 +83,10 @@ def test_stats_command_and_mismatched_statistics(ddlp_dir, tmp_path, capsys):
 
 def test_bad_inputs_have_clear_messages(ddlp_dir, tmp_path, capsys):
     assert run("train", "--ddlp", tmp_path / "missing", "--run-dir", tmp_path / "r") == 2
-    assert "DDLP model not found" in capsys.readouterr().err
+    assert "no such model or run directory" in capsys.readouterr().err
     (tmp_path / "empty").mkdir()
     assert run("train", "--ddlp", tmp_path / "empty", "--run-dir", tmp_path / "r") == 2
-    assert "not a DDLP model or training run directory" in capsys.readouterr().err
+    assert "is neither a model directory (model.safetensors + config.json) nor a training run" in capsys.readouterr().err
     dlp = Config.preset("balls_small", model="dlp", n_kp_enc=2, n_kp_prior=4)
     build_model(dlp).save_pretrained(tmp_path / "dlp")
     assert run("train", "--ddlp", tmp_path / "dlp", "--run-dir", tmp_path / "r") == 2

@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 from ddlp import Config
+from ddlp.checkpoint import resolve_checkpoint
 from ddlp.cli import main
 from ddlp.data.balls import BallsDataset, write_balls
 from ddlp.evaluate import (
@@ -18,7 +19,6 @@ from ddlp.evaluate import (
     evaluate_checkpoint,
     load_video_model,
     paper_protocol,
-    resolve_checkpoint,
 )
 from ddlp.metrics import frechet_distance, fvd, psnr, ssim
 from ddlp.metrics.lpips import LPIPS_CHANNELS

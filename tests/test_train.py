@@ -12,7 +12,8 @@ from torch.utils.data import Dataset
 
 from ddlp import Config
 from ddlp.data.synthetic import moving_discs
-from ddlp.train import Trainer, TrainOptions, TrainingError, future_weights, latest_checkpoint
+from ddlp.checkpoint import latest_checkpoint
+from ddlp.train import Trainer, TrainOptions, TrainingError, future_weights
 
 
 class Clips(Dataset):

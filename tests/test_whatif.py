@@ -291,7 +291,7 @@ def test_cli_rejects_a_non_ddlp_checkpoint(model_dirs, tmp_path, capsys):
     assert main(["what-if", str(model_dirs / "dlp"), "--balls", "0", "--out", str(tmp_path)]) == 2
     assert "needs a DDLP video model" in capsys.readouterr().err
     assert main(["what-if", str(model_dirs / "short.npy"), "--balls", "0"]) == 2
-    assert "expected a ddlp model directory" in capsys.readouterr().err
+    assert "is a file; expected a model directory" in capsys.readouterr().err
 
 
 def test_model_method_is_the_function(model, clip, central):

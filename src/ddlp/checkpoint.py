@@ -176,3 +176,99 @@ def load_state(path: str | Path, map_location: str = "cpu") -> dict:
     runs saved before `rng_state` stored tensors."""
     with torch.serialization.safe_globals(_numpy_array_globals()):
         return torch.load(path, map_location=map_location, weights_only=True)
+
+
+# ------------------------------------------------------------------------------ run directories
+def latest_checkpoint(run_dir: str | Path) -> Optional[Path]:
+    """The newest complete checkpoint (checkpoints/step-N with state.pt) of a training run, or None."""
+    folder = Path(run_dir) / "checkpoints"
+    pointer = folder / "latest"
+    if pointer.is_file():
+        ckpt = folder / pointer.read_text().strip()
+        if (ckpt / "state.pt").is_file() and (ckpt / WEIGHTS).is_file():
+            return ckpt
+    complete = [d for d in sorted(folder.glob("step-*[0-9]")) if (d / "state.pt").is_file()]
+    return complete[-1] if complete else None
+
+
+def _best_step(run: Path) -> Optional[int]:
+    """Step at which best/ was last written (from metrics.jsonl), if recorded."""
+    log = run / "metrics.jsonl"
+    if not log.is_file():
+        return None
+    step = None
+    for line in log.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if record.get("best"):
+            step = record.get("step")
+    return step
+
+
+def _step_of(folder: Path) -> Optional[int]:
+    tail = folder.name.split("-")[-1]
+    return int(tail) if tail.isdigit() else None
+
+
+def resolve_checkpoint(path: str | Path, use_last: bool = False) -> tuple[Path, dict]:
+    """The model directory behind `path` (a model directory, a Hub id, or a training run: its best/
+    model, else, or with `use_last`, the latest checkpoint) and a description of what was picked."""
+    p = model_directory(path)
+    if p.is_file():
+        if p.name == WEIGHTS:
+            p = p.parent
+        elif p.suffix in (".pth", ".pt", ".ckpt", ".tar"):
+            raise ValueError(f"{p} is a raw PyTorch checkpoint, not a ddlp model: convert official "
+                             f"checkpoints first (ddlp convert {p} --hparams hparams.json --out DIR)")
+        else:
+            raise ValueError(f"{p} is a file; expected a model directory ({WEIGHTS} + {CONFIG}) or a run directory")
+    if not p.is_dir():
+        raise FileNotFoundError(f"no such model or run directory: {p}")
+    if (p / WEIGHTS).is_file():
+        info = {"path": str(p), "source": "model directory"}
+        if p.parent.name == "checkpoints" and (p.parent.parent / CONFIG).is_file():
+            # a checkpoint of a run: results go to the run (old checkpoints get rotated away)
+            info.update(run=str(p.parent.parent), source="checkpoint", step=_step_of(p))
+        return p, info
+    best = p / "best"
+    if not use_last and (best / WEIGHTS).is_file():
+        return best, {"path": str(best), "run": str(p), "source": "best (lowest validation ELBO)",
+                      "step": _best_step(p)}
+    ckpt = latest_checkpoint(p)
+    if ckpt is not None:
+        return ckpt, {"path": str(ckpt), "run": str(p), "source": "latest checkpoint", "step": _step_of(ckpt)}
+    raise FileNotFoundError(f"{p} is neither a model directory ({WEIGHTS} + {CONFIG}) nor a training run "
+                            "with best/ or checkpoints/")
+
+
+def load_video_model(path: str | Path, use_last: bool = False, device: str = "cpu",
+                     purpose: str = "video prediction and its evaluation"):
+    """A DDLP video model from a model directory, Hub id or run (see resolve_checkpoint), in eval
+    mode without gradients, and its description. Clear errors for a single-image DLPv2 model, a
+    DiffuseDDLP model or weights that do not fit their config; `purpose` says what needs the DDLP."""
+    from .model import ParticleModel
+    directory, info = resolve_checkpoint(path, use_last)
+    if not (directory / CONFIG).is_file():
+        raise FileNotFoundError(f"{directory} has {WEIGHTS} but no {CONFIG}")
+    try:
+        kind = json.loads((directory / CONFIG).read_text()).get("model")
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{directory / CONFIG} is not valid JSON: {e}") from None
+    if kind == "diffuse_ddlp":
+        raise ValueError(f"{directory} is a DiffuseDDLP model; {purpose} needs the DDLP video model (model='ddlp')")
+    config = Config.from_json(directory / CONFIG)
+    if not config.is_video:
+        raise ValueError(f"{directory} holds a single-image DLPv2 model (model={config.model!r}); {purpose} "
+                         "needs a DDLP video model (model='ddlp')")
+    try:
+        model = ParticleModel.from_pretrained(directory, map_location=device)
+    except (FileNotFoundError, ValueError):
+        raise
+    except Exception as e:  # noqa: BLE001 - shape mismatches, corrupt safetensors: all "unusable weights"
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ValueError(f"{directory}: cannot load {WEIGHTS} with its {CONFIG} ({first[:300]})") from None
+    info.update(model=type(model).__name__, image_size=config.image_size, particles=config.n_kp_enc,
+                timestep_horizon=config.timestep_horizon, trained_on={"ds": config.ds, "root": config.root})
+    return model.eval().requires_grad_(False), info

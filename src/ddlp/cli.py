@@ -121,7 +121,8 @@ def _train_config(args):
 def cmd_train(args) -> int:
     from .config import Config
     from .data.registry import build_dataset
-    from .train import Trainer, TrainOptions, latest_checkpoint
+    from .checkpoint import latest_checkpoint
+    from .train import Trainer, TrainOptions
     if args.resume:
         run = Path(args.resume)
         if not (run / "config.json").is_file():

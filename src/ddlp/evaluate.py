@@ -22,7 +22,8 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 
-from .checkpoint import CONFIG, WEIGHTS, atomic_write
+from . import checkpoint
+from .checkpoint import atomic_write
 from .config import Config
 from .metrics import LPIPS, ground_truth_xy, med_errors, med_summary, particles_to_xy, psnr, ssim
 
@@ -121,78 +122,11 @@ def ablation_of(config: Config) -> dict:
     return out
 
 
-def _best_step(run: Path) -> Optional[int]:
-    """Step at which best/ was last written (from metrics.jsonl), if recorded."""
-    log = run / "metrics.jsonl"
-    if not log.is_file():
-        return None
-    step = None
-    for line in log.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if record.get("best"):
-            step = record.get("step")
-    return step
-
-
-def resolve_checkpoint(path: str | Path, use_last: bool = False) -> tuple[Path, dict]:
-    """The model directory behind `path` (a model directory, or a training run: its best/ model,
-    else the latest checkpoint) and a description of what was picked."""
-    from .checkpoint import model_directory
-    from .train import latest_checkpoint
-    p = model_directory(path)
-    if p.is_file():
-        if p.name == WEIGHTS:
-            p = p.parent
-        elif p.suffix in (".pth", ".pt", ".ckpt", ".tar"):
-            raise ValueError(f"{p} is a raw PyTorch checkpoint, not a ddlp model: convert official "
-                             f"checkpoints first (ddlp convert {p} --hparams hparams.json --out DIR)")
-        else:
-            raise ValueError(f"{p} is a file; expected a model directory ({WEIGHTS} + {CONFIG}) or a run directory")
-    if not p.is_dir():
-        raise FileNotFoundError(f"no such model or run directory: {p}")
-    if (p / WEIGHTS).is_file():
-        info = {"path": str(p), "source": "model directory"}
-        if p.parent.name == "checkpoints" and (p.parent.parent / CONFIG).is_file():
-            # a checkpoint of a run: results go to the run (old checkpoints get rotated away)
-            info.update(run=str(p.parent.parent), source="checkpoint",
-                        step=int(p.name.split("-")[-1]) if p.name.split("-")[-1].isdigit() else None)
-        return p, info
-    best = p / "best"
-    if not use_last and (best / WEIGHTS).is_file():
-        return best, {"path": str(best), "run": str(p), "source": "best (lowest validation ELBO)",
-                      "step": _best_step(p)}
-    ckpt = latest_checkpoint(p)
-    if ckpt is not None:
-        step = int(ckpt.name.split("-")[-1]) if ckpt.name.split("-")[-1].isdigit() else None
-        return ckpt, {"path": str(ckpt), "run": str(p), "source": "latest checkpoint", "step": step}
-    raise FileNotFoundError(f"{p} is neither a model directory ({WEIGHTS} + {CONFIG}) nor a training run "
-                            "with best/ or checkpoints/")
-
-
 def load_video_model(path: str | Path, use_last: bool = False, device: str = "cpu"):
-    """A DDLP model from a model or run directory, in eval mode, and its description."""
-    from .model import ParticleModel
-    directory, info = resolve_checkpoint(path, use_last)
-    if not (directory / CONFIG).is_file():
-        raise FileNotFoundError(f"{directory} has {WEIGHTS} but no {CONFIG}")
-    config = Config.from_json(directory / CONFIG)
-    if not config.is_video:
-        raise ValueError(f"{directory} holds a single-image DLPv2 model (model={config.model!r}); video "
-                         "prediction and its evaluation need a DDLP video model (model='ddlp')")
-    try:
-        model = ParticleModel.from_pretrained(directory, map_location=device)
-    except (FileNotFoundError, ValueError):
-        raise
-    except Exception as e:  # noqa: BLE001 - shape mismatches, corrupt safetensors: all "unusable weights"
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise ValueError(f"{directory}: cannot load {WEIGHTS} with its {CONFIG} ({first[:300]})") from None
-    info.update(model=type(model).__name__, ablation=ablation_of(config), image_size=config.image_size,
-                particles=config.n_kp_enc, timestep_horizon=config.timestep_horizon,
-                trained_on={"ds": config.ds, "root": config.root})
-    return model.eval().requires_grad_(False), info
+    """checkpoint.load_video_model, with the paper's ablation the model belongs to in its description."""
+    model, info = checkpoint.load_video_model(path, use_last, device)
+    info["ablation"] = ablation_of(model.config)
+    return model, info
 
 
 def load_lpips(enabled: bool = True, vgg_weights: Optional[str] = None, lpips_weights: Optional[str] = None,

@@ -145,7 +145,7 @@ def predict(checkpoint: str | os.PathLike, input_path: str | os.PathLike, out_di
     """Everything `ddlp predict` does; returns the written paths and a few facts. `episode` and
     `split` pick the clip where `input_path` holds several (data.reader.read_clip)."""
     from .data.reader import read_clip
-    from .evaluate import load_video_model
+    from .checkpoint import load_video_model
     from .viz import save_video
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, info = load_video_model(checkpoint, use_last, device)

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from .checkpoint import atomic_write, load_state, rng_state, save_pretrained, set_rng_state
+from .checkpoint import atomic_write, latest_checkpoint, load_state, rng_state, save_pretrained, set_rng_state
 from .config import Config
 from .losses import elbo
 from .model import ParticleModel, build_model
@@ -469,14 +469,3 @@ def check_data(dataset: Dataset, config: Config, what: str) -> None:
     if config.is_video and what == "training" and (x.ndim != 4 or x.shape[0] != config.timestep_horizon + 1):
         raise TrainingError(f"DDLP trains on clips of timestep_horizon + 1 = {config.timestep_horizon + 1} "
                             f"frames; the {what} set yields items of shape {tuple(x.shape)}")
-
-
-def latest_checkpoint(run_dir: str | Path) -> Optional[Path]:
-    folder = Path(run_dir) / "checkpoints"
-    pointer = folder / "latest"
-    if pointer.is_file():
-        ckpt = folder / pointer.read_text().strip()
-        if (ckpt / "state.pt").is_file() and (ckpt / "model.safetensors").is_file():
-            return ckpt
-    complete = [d for d in sorted(folder.glob("step-*[0-9]")) if (d / "state.pt").is_file()]
-    return complete[-1] if complete else None

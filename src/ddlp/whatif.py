@@ -394,26 +394,15 @@ def what_if(model, frames: Tensor, edits: Sequence[Edit], horizon: int, *, cond_
 
 # ------------------------------------------------------------------------------ loading
 def load_ddlp(path: str | Path, map_location: str = "cpu"):
-    """A DDLP from a model directory (config.json + model.safetensors) or a training run folder
-    (its `best/` model, else its latest checkpoint). ValueError if it is not a DDLP."""
-    from .checkpoint import model_directory
-    from .model import ParticleModel
-    path = model_directory(path)
-    if not path.exists():
-        raise FileNotFoundError(f"no such checkpoint: {path}")
-    if path.is_file():
-        raise ValueError(f"{path} is a file; expected a ddlp model directory (config.json + model.safetensors)"
-                         "; convert official .pth checkpoints with `ddlp convert` first")
-    if not (path / "model.safetensors").is_file():          # a training run: its best model, else the latest
-        from .train import latest_checkpoint
-        best = path / "best"
-        path = (best if (best / "model.safetensors").is_file() else latest_checkpoint(path)) or path
-    model = ParticleModel.from_pretrained(path, map_location)
+    """A DDLP from a model directory, Hub id or training run folder (its `best/` model, else its
+    latest checkpoint), in eval mode. ValueError if it is not a DDLP."""
+    from .checkpoint import load_video_model
+    model, info = load_video_model(path, device=map_location, purpose="what-if editing")
     try:
         check_ddlp(model)
     except ValueError as e:
-        raise ValueError(f"{path}: {e}") from None
-    return model.eval()
+        raise ValueError(f"{info['path']}: {e}") from None
+    return model
 
 
 # ------------------------------------------------------------------------------ outputs

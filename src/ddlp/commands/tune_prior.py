@@ -21,7 +21,7 @@ examples:
 def cmd_tune_prior(args) -> int:
     from ..checkpoint import save_pretrained
     from ..data.registry import build_dataset
-    from ..evaluate import resolve_checkpoint
+    from ..checkpoint import resolve_checkpoint
     from ..model import DDLP, ParticleModel
     from ..prior_tuning import encode_posteriors, tune_prior
     path, info = resolve_checkpoint(args.checkpoint, use_last=args.use_last)

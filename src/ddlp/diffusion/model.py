@@ -182,42 +182,13 @@ class DiffuseDDLP(nn.Module):
 
 # ---------------------------------------------------------------------------- the frozen DDLP
 def resolve_ddlp_dir(path: str | Path) -> Path:
-    """A DDLP model directory, given it or a `ddlp train` run directory (its best/ model, else
-    its latest checkpoint)."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"DDLP model not found: {path} does not exist")
-    if not path.is_dir():
-        raise FileNotFoundError(f"{path} is a file; --ddlp expects a DDLP model or training run directory")
-    if (path / "config.json").is_file() and (path / "model.safetensors").is_file():
-        return path
-    if (path / "best" / "model.safetensors").is_file():
-        return path / "best"
-    from ..train import latest_checkpoint
-    ckpt = latest_checkpoint(path)
-    if ckpt is not None and (ckpt / "config.json").is_file():
-        return ckpt
-    raise FileNotFoundError(f"{path} is not a DDLP model or training run directory (no config.json + "
-                            "model.safetensors, best/ or checkpoints/); official .pth checkpoints must "
-                            "first go through `ddlp convert`")
+    """A DDLP model directory, given it, a Hub id or a `ddlp train` run directory (its best/
+    model, else its latest checkpoint)."""
+    from ..checkpoint import resolve_checkpoint
+    return resolve_checkpoint(path)[0]
 
 
 def load_ddlp(path: str | Path, map_location: str = "cpu"):
     """The frozen DDLP (eval mode, no gradients) from a model or run directory."""
-    from ..config import Config
-    from ..model import ParticleModel
-    directory = resolve_ddlp_dir(path)
-    try:
-        kind = json.loads((directory / "config.json").read_text()).get("model")
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{directory / 'config.json'} is not valid JSON: {e}") from None
-    if kind == KIND:
-        raise ValueError(f"{directory} is a DiffuseDDLP model; --ddlp expects the DDLP video model it was "
-                         "trained on")
-    config = Config.from_json(directory / "config.json")
-    if not config.is_video:
-        raise ValueError(f"{directory} holds a single-image DLP model; DiffuseDDLP needs a DDLP video model "
-                         "(model 'ddlp')")
-    model = ParticleModel.from_pretrained(directory, map_location).eval()
-    model.requires_grad_(False)
-    return model
+    from ..checkpoint import load_video_model
+    return load_video_model(path, device=map_location, purpose="DiffuseDDLP")[0]

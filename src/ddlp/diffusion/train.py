@@ -157,7 +157,7 @@ class DiffusionTrainer:
         """Continue from the run's latest checkpoint; False when there is none."""
         from safetensors.torch import load_file
 
-        from ..train import latest_checkpoint
+        from ..checkpoint import latest_checkpoint
         ckpt = latest_checkpoint(self.run_dir)
         if ckpt is None:
             return False
