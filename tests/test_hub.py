@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from ddlp import Config
-from ddlp.checkpoint import model_card, model_directory
+from ddlp.storage import model_card, model_directory
 from ddlp.model import DDLP, DLP, ParticleModel, build_model
 
 TINY = dict(enc_channels=[8, 16, 16], prior_channels=[8, 8, 16], n_kp_enc=3, n_kp_prior=6, learned_feature_dim=2,

@@ -319,7 +319,7 @@ def test_weights_with_a_cross_checked_digest_are_labelled_lpips(fake, tmp_path, 
 def model_and_data(tmp_path_factory):
     """An untrained tiny DDLP model directory and a few generated Balls episodes."""
     from ddlp import Config
-    from ddlp.checkpoint import save_pretrained
+    from ddlp.storage import save_pretrained
     from ddlp.data.balls import write_balls
     from ddlp.model import build_model
     root = tmp_path_factory.mktemp("eval")

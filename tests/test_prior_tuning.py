@@ -123,7 +123,7 @@ def test_tune_prior_needs_a_ddlp():
 
 
 def test_cli_tunes_a_saved_model(tmp_path, capsys):
-    from ddlp.checkpoint import save_pretrained
+    from ddlp.storage import save_pretrained
     from ddlp.cli import main
     from ddlp.data.balls import write_balls
     from ddlp.model import ParticleModel

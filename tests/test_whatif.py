@@ -294,13 +294,6 @@ def test_cli_rejects_a_non_ddlp_checkpoint(model_dirs, tmp_path, capsys):
     assert "is a file; expected a model directory" in capsys.readouterr().err
 
 
-def test_model_method_is_the_function(model, clip, central):
-    k, _ = central
-    a = model.what_if(clip, [W.move(k, dx=0.1)], 3)
-    b = W.what_if(model, clip, [W.move(k, dx=0.1)], 3)
-    assert torch.equal(a.edited, b.edited) and not torch.equal(a.edited, a.original)
-
-
 def test_the_default_burn_in_is_the_models(tmp_path, capsys):
     from ddlp.studio import Studio
     torch.manual_seed(0)

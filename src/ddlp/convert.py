@@ -232,7 +232,7 @@ def convert_checkpoint(checkpoint: str | Path, hparams: str | Path, out_dir: str
     overrides = {"model": model} if model else {}
     config = Config.from_json(hparams, **overrides)
     net = from_official(load_official(checkpoint), config)
-    from .checkpoint import save_pretrained
+    from .storage import save_pretrained
     save_pretrained(net, out_dir, source=f"converted from the official implementation's checkpoint "
                                          f"{Path(checkpoint).name} (taldatech/ddlp) by ddlp convert")
     return net

@@ -23,7 +23,7 @@ from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 
 from . import checkpoint
-from .checkpoint import atomic_write
+from .storage import atomic_write
 from .config import Config
 from .metrics import LPIPS, ground_truth_xy, med_errors, med_summary, particles_to_xy, psnr, ssim
 

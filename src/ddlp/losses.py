@@ -11,15 +11,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from .config import Config
-from .model import Output
 from .nn.precision import full_precision
+
+if TYPE_CHECKING:                  # the model's output type; losses sit below the model
+    from .model import Output
 from .particles import Particles
 
 

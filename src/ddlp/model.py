@@ -135,7 +135,7 @@ class ParticleModel(nn.Module):
     # ------------------------------------------------------------------ persistence
     def save_pretrained(self, directory: str | Path, metrics: Optional[dict] = None) -> None:
         """config.json, model.safetensors and a model card (README.md, with `metrics` if given)."""
-        from .checkpoint import save_pretrained
+        from .storage import save_pretrained
         save_pretrained(self, directory, metrics=metrics)
 
     @classmethod
@@ -143,8 +143,11 @@ class ParticleModel(nn.Module):
                         revision: Optional[str] = None) -> "ParticleModel":
         """A model from a local model directory or a Hugging Face Hub id ("org/name"; needs
         `ddlp[hub]`). Called on DLP or DDLP, it refuses a model of the other kind."""
-        from .checkpoint import load_pretrained
-        model = load_pretrained(directory, map_location, revision)
+        from .storage import read_pretrained
+        config, weights = read_pretrained(directory, map_location, revision)
+        model = build_model(config)
+        model.load_state_dict(weights)
+        model = model.to(map_location)
         if not isinstance(model, cls):
             raise TypeError(f"{directory} holds a {type(model).__name__} model, not a {cls.__name__}; "
                             f"use {type(model).__name__}.from_pretrained or ParticleModel.from_pretrained")
@@ -152,7 +155,7 @@ class ParticleModel(nn.Module):
 
     def push_to_hub(self, repo_id: str, **kwargs) -> str:
         """Upload to the Hugging Face Hub (see ddlp.checkpoint.push_to_hub); returns the commit URL."""
-        from .checkpoint import push_to_hub
+        from .storage import push_to_hub
         return push_to_hub(self, repo_id, **kwargs)
 
     def track(self, x: Tensor, *, deterministic: bool = False, warmup: bool = False,
@@ -282,11 +285,6 @@ class DDLP(ParticleModel):
             window = Particles.cat([window, nxt])[:, -self.pint.max_frames:]
         return Particles.cat(out)
 
-    def what_if(self, frames: Tensor, edits, horizon: int, **kw):
-        """Original and edited rollouts after editing the particles of the first frames
-        (see ddlp.whatif.what_if)."""
-        from .whatif import what_if
-        return what_if(self, frames, edits, horizon, **kw)
 
 
 def build_model(config: Config) -> ParticleModel:

@@ -72,7 +72,7 @@ def write_compact(fx: dict, out_dir: str) -> None:
     official harness builds many as strided views of a small buffer, so they cost little."""
     from safetensors.torch import save_file
 
-    from .checkpoint import atomic_write
+    from .storage import atomic_write
     tensors: dict[str, Tensor] = {"input": fx["input"].contiguous()}
     weights, storages = {}, {}
     for name, t in fx["state_dict"].items():

@@ -14,7 +14,7 @@ import torch
 from PIL import Image, ImageDraw
 from torch import Tensor
 
-from .checkpoint import atomic_write
+from .storage import atomic_write
 from .particles import Particles
 
 MIN_BOX_TRANSPARENCY = 0.1     # glimpse boxes of fainter particles are not drawn

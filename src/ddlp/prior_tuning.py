@@ -61,7 +61,7 @@ class PosteriorCache:
     def save(self, path: str | Path) -> None:
         from safetensors.torch import save_file
 
-        from .checkpoint import atomic_write
+        from .storage import atomic_write
         tensors = {k: v.contiguous() for k, v in vars(self.particles).items() if v is not None}
         atomic_write(Path(path), lambda p: save_file(tensors, p, metadata={"format": "ddlp-posteriors",
                                                                              "fields": json.dumps(sorted(tensors))}))

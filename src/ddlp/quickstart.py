@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import atomic_write, save_pretrained
+from .storage import atomic_write, save_pretrained
 from .config import Config
 from .evaluate import PAPER_PROTOCOLS
 from .model import DDLP, ParticleModel

@@ -30,7 +30,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from .checkpoint import atomic_write, latest_checkpoint, load_state, rng_state, save_pretrained, set_rng_state
+from .checkpoint import latest_checkpoint, load_state, rng_state, set_rng_state
+from .storage import atomic_write, save_pretrained
 from .config import Config
 from .losses import elbo
 from .model import ParticleModel, build_model

@@ -490,7 +490,7 @@ def trajectory_rows(result: WhatIfResult, index: int = 0) -> list[dict]:
 
 def write_trajectories(result: WhatIfResult, path: str | Path, index: int = 0) -> Path:
     """Both rollouts' particle trajectories as CSV (atomic)."""
-    from .checkpoint import atomic_write
+    from .storage import atomic_write
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=TRAJECTORY_FIELDS)
     writer.writeheader()

@@ -250,7 +250,7 @@ def write_weights(features: dict, heads: dict, out_dir: Path, record: dict) -> t
     """Both state dicts as safetensors in out_dir (atomic writes), the provenance record in their metadata."""
     from safetensors.torch import save_file
 
-    from ..checkpoint import atomic_write
+    from ..storage import atomic_write
     from ..metrics.lpips import CONVERTED_LPIPS_FILE
     from ..nn.vgg import CONVERTED_VGG16_FILE, PROVENANCE_KEY
     meta = {PROVENANCE_KEY: json.dumps(record, sort_keys=True), "format": "pt"}

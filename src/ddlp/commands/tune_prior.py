@@ -19,7 +19,7 @@ examples:
 
 
 def cmd_tune_prior(args) -> int:
-    from ..checkpoint import save_pretrained
+    from ..storage import save_pretrained
     from ..data.registry import build_dataset
     from ..checkpoint import resolve_checkpoint
     from ..model import DDLP, ParticleModel

@@ -105,7 +105,7 @@ def cmd_what_if(args) -> int:
     import time
     from pathlib import Path
 
-    from ..checkpoint import atomic_write
+    from ..storage import atomic_write
     from ..viz import save_figure, save_video
     from ..whatif import burn_in, load_ddlp, side_by_side_frames, trajectory_figure, what_if, write_trajectories
     edits = [parse_edit(kind, text) for kind, text in args.edits]

@@ -145,7 +145,7 @@ def _pad(img: Image.Image, width: int, height: int) -> Image.Image:
 
 
 def save_sheet(img: Image.Image, out: Path) -> Path:
-    from ..checkpoint import atomic_write
+    from ..storage import atomic_write
     atomic_write(out, lambda p: img.save(p, format="PNG"))
     return out
 

@@ -21,7 +21,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from ..checkpoint import atomic_write
+from ..storage import atomic_write
 from .tokens import TokenLayout, to_tokens
 
 EPS = 1e-5

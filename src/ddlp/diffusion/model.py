@@ -158,7 +158,7 @@ class DiffuseDDLP(nn.Module):
 
     # ------------------------------------------------------------------ persistence
     def save_pretrained(self, directory: str | Path) -> None:
-        from ..checkpoint import save_pretrained
+        from ..storage import save_pretrained
         save_pretrained(self, directory)
 
     @classmethod

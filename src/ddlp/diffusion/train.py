@@ -25,7 +25,8 @@ import torch
 from torch import Tensor
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from ..checkpoint import atomic_write, load_state, rng_state, save_pretrained, set_rng_state
+from ..checkpoint import load_state, rng_state, set_rng_state
+from ..storage import atomic_write, save_pretrained
 from .latents import STATS_FILE, LatentStats, default_clips, encode_dataset, fingerprint, load_tokens, save_tokens
 from .model import DiffuseDDLP, DiffusionConfig, load_ddlp, resolve_ddlp_dir
 
