@@ -90,22 +90,9 @@ def cmd_demo(args) -> int:
     return 0
 
 
-def _parse_value(text: str):
-    import json
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
-
-
 def _train_config(args):
-    from .config import Config
-    overrides = {}
-    for item in args.set or []:
-        if "=" not in item:
-            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
-        key, value = item.split("=", 1)
-        overrides[key.strip()] = _parse_value(value)
+    from .config import Config, parse_overrides
+    overrides = parse_overrides(args.set)
     for key in ("batch_size", "seed", "num_epochs", "epoch_steps"):
         if getattr(args, key, None) is not None:
             overrides[key] = getattr(args, key)

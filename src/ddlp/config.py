@@ -10,7 +10,7 @@ import math
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 PRESETS = ("balls", "obj3d", "obj3d128", "traffic", "phyre", "clevrer",
            "shapes", "obj3d_img", "obj3d128_img", "traffic_img",   # official, unchanged
@@ -223,3 +223,18 @@ class Config:
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2))
+
+
+def parse_overrides(items: Optional[list[str]]) -> dict[str, Any]:
+    """`--set KEY=VALUE` items as a dict; VALUE is read as JSON where it parses (numbers, booleans,
+    lists), else kept as a string."""
+    out: dict[str, Any] = {}
+    for item in items or []:
+        if "=" not in item:
+            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
+        key, value = item.split("=", 1)
+        try:
+            out[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key.strip()] = value
+    return out

@@ -19,13 +19,14 @@ from pathlib import Path
 from typing import Iterable, Optional
 
 import torch
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw
 from torch import Tensor
 
 from . import checkpoint
-from .storage import atomic_write
 from .config import Config
 from .metrics import LPIPS, ground_truth_xy, med_errors, med_summary, particles_to_xy, psnr, ssim
+from .storage import atomic_write
+from .viz import font
 
 # (conditioning frames, total frames H) of the paper's test tables, per dataset name.
 PAPER_PROTOCOLS = {"balls": (10, 50), "obj3d": (6, 50), "obj3d128": (6, 50), "clevrer": (10, 100),
@@ -396,13 +397,6 @@ def write_csv(rows: list[dict], path: Path) -> None:
     atomic_write(path, lambda p: Path(p).write_text(buf.getvalue()))
 
 
-def _font(size: int) -> ImageFont.ImageFont:
-    try:
-        return ImageFont.load_default(size=size)
-    except TypeError:
-        return ImageFont.load_default()
-
-
 # The model in blue with its std band; each baseline in a colour of its own, without a band.
 SERIES_COLOURS = {"model": (30, 80, 200), "stand_still": (200, 60, 40), "constant_velocity": (230, 150, 20),
                   "ground_truth_stand_still": (150, 90, 160), "ground_truth_constant_velocity": (60, 160, 90)}
@@ -431,10 +425,10 @@ def _panel(name: str, series: list[Series], x0: int = 1, w: int = 340, h: int = 
     left, right, top, bottom = 52, 10, 24, 32
     lines = [(s, _finite_points(s, x0)) for s in series]
     lines = [(s, pts) for s, pts in lines if pts]
-    draw.text((w // 2, 4), f"{name.upper()} per prediction step", fill="black", font=_font(12), anchor="mt")
+    draw.text((w // 2, 4), f"{name.upper()} per prediction step", fill="black", font=font(12), anchor="mt")
     draw.rectangle([left, top, w - right, h - bottom], outline=(120, 120, 120))
     if not lines:
-        draw.text((w // 2, h // 2), "no finite values", fill="gray", font=_font(11), anchor="mm")
+        draw.text((w // 2, h // 2), "no finite values", fill="gray", font=font(11), anchor="mm")
         return img
     every = [p for _, pts in lines for p in pts]
     lo = min(m - (s or 0) for _, m, s in every)
@@ -454,18 +448,18 @@ def _panel(name: str, series: list[Series], x0: int = 1, w: int = 340, h: int = 
             draw.line(line, fill=s.colour, width=2)
         else:
             draw.ellipse([line[0][0] - 2, line[0][1] - 2, line[0][0] + 2, line[0][1] + 2], fill=s.colour)
-    font = _font(10)
+    tick_font = font(10)
     for i in range(5):
         v = lo + (hi - lo) * i / 4
-        draw.text((left - 4, Y(v)), f"{v:.3g}", fill="black", font=font, anchor="rm")
+        draw.text((left - 4, Y(v)), f"{v:.3g}", fill="black", font=tick_font, anchor="rm")
         k = round(k0 + (k1 - k0) * i / 4)
-        draw.text((X(k), h - bottom + 4), str(k), fill="black", font=font, anchor="mt")
-    draw.text((w // 2, h - 4), "prediction step (1 = first predicted frame)", fill="black", font=font, anchor="mb")
+        draw.text((X(k), h - bottom + 4), str(k), fill="black", font=tick_font, anchor="mt")
+    draw.text((w // 2, h - 4), "prediction step (1 = first predicted frame)", fill="black", font=tick_font, anchor="mb")
     if len(lines) > 1:
         for i, (s, _) in enumerate(lines):
             y = top + 4 + 11 * i
             draw.line([(left + 6, y + 5), (left + 18, y + 5)], fill=s.colour, width=2)
-            draw.text((left + 22, y), s.label.replace("_", " "), fill="black", font=_font(9))
+            draw.text((left + 22, y), s.label.replace("_", " "), fill="black", font=font(9))
     return img
 
 
@@ -484,7 +478,7 @@ def plot_curves(metrics: dict, title: str) -> Image.Image:
     if not panels:
         panels = [Image.new("RGB", (340, 230), "white")]
     out = Image.new("RGB", (sum(p.width for p in panels), panels[0].height + 22), "white")
-    ImageDraw.Draw(out).text((6, 4), title, fill="black", font=_font(13))
+    ImageDraw.Draw(out).text((6, 4), title, fill="black", font=font(13))
     x = 0
     for p in panels:
         out.paste(p, (x, 22))

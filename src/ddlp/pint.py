@@ -14,12 +14,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .encoder import reparameterize
+from .nn.blocks import mlp
 from .nn.precision import full_precision
 from .particles import Particles
-
-
-def _mlp(a: int, hidden: int, b: int) -> nn.Sequential:
-    return nn.Sequential(nn.Linear(a, hidden), nn.ReLU(), nn.Linear(hidden, b))
 
 
 class ParticleEmbedding(nn.Module):
@@ -27,13 +25,13 @@ class ParticleEmbedding(nn.Module):
 
     def __init__(self, features_dim: int, bg_features_dim: int, dim: int):
         super().__init__()
-        self.position = _mlp(2, dim, 2)
-        self.scale = _mlp(2, dim, 2)
-        self.transparency = _mlp(1, dim, 1)
-        self.depth = _mlp(1, dim, 1)
-        self.features = _mlp(features_dim, dim, features_dim)
-        self.particle = _mlp(6 + features_dim, dim, dim)
-        self.background = _mlp(bg_features_dim, dim, dim)
+        self.position = mlp(2, dim, 2)
+        self.scale = mlp(2, dim, 2)
+        self.transparency = mlp(1, dim, 1)
+        self.depth = mlp(1, dim, 1)
+        self.features = mlp(features_dim, dim, features_dim)
+        self.particle = mlp(6 + features_dim, dim, dim)
+        self.background = mlp(bg_features_dim, dim, dim)
 
     def forward(self, p: Particles) -> Tensor:
         """[B, T, K, ...] particles -> tokens [B, T, K + 1, D]."""
@@ -258,12 +256,11 @@ class PINT(nn.Module):
         prior = self.read(h, window[:, -1], min_beta=1e-5)
         if deterministic:
             return prior
-        sample = lambda mu, lv: mu + torch.exp(0.5 * lv) * torch.randn_like(mu)  # noqa: E731
-        position = sample(prior.position_mu, prior.position_logvar)
-        depth = sample(prior.depth_mu, prior.depth_logvar)
-        scale = sample(prior.scale_mu, prior.scale_logvar)
-        features = sample(prior.features_mu, prior.features_logvar)
-        bg = sample(prior.bg_mu, prior.bg_logvar)
+        position = reparameterize(prior.position_mu, prior.position_logvar, False)
+        depth = reparameterize(prior.depth_mu, prior.depth_logvar, False)
+        scale = reparameterize(prior.scale_mu, prior.scale_logvar, False)
+        features = reparameterize(prior.features_mu, prior.features_logvar, False)
+        bg = reparameterize(prior.bg_mu, prior.bg_logvar, False)
         on = torch.distributions.Beta(prior.transparency_a, prior.transparency_b).sample()
         return prior.replace(position=position, depth=depth, scale=scale, features=features,
                              bg_features=bg, transparency=on)

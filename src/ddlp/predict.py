@@ -14,10 +14,10 @@ import torch
 from PIL import Image, ImageDraw
 from torch import Tensor
 
-from .storage import atomic_write
 from .particles import Particles
+from .storage import atomic_write
+from .viz import FAINT
 
-MIN_BOX_TRANSPARENCY = 0.1     # glimpse boxes of fainter particles are not drawn
 
 
 @torch.no_grad()
@@ -56,7 +56,7 @@ def _boxed(pred: Tensor, particles: Particles, zoom: int) -> Tensor:
         draw = ImageDraw.Draw(img)
         on = particles.transparency[t].reshape(-1)
         for k, box in enumerate(scale_boxes(particles[t], (S, S), zoom)):
-            if on[k] >= MIN_BOX_TRANSPARENCY:
+            if on[k] >= FAINT:
                 draw.rectangle(box, outline=colours[k], width=1)
         out.append(torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).float() / 255)
     return torch.stack(out)

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from .encoder import reparameterize
 from .losses import dynamics_kl
 from .model import DDLP
 from .particles import Particles
@@ -74,7 +75,7 @@ class PosteriorCache:
 
 def resample(p: Particles) -> Particles:
     """Particles whose values are fresh samples of their posterior distributions."""
-    draw = lambda mu, logvar: mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)  # noqa: E731
+    draw = lambda mu, logvar: reparameterize(mu, logvar, False)  # noqa: E731
     beta = torch.distributions.Beta(p.transparency_a, p.transparency_b, validate_args=False)
     return p.replace(position=draw(p.position_mu, p.position_logvar), scale=draw(p.scale_mu, p.scale_logvar),
                      depth=draw(p.depth_mu, p.depth_logvar), transparency=beta.sample(),

@@ -63,7 +63,8 @@ def to_pixel(coord, n: int, zoom: int = 1):
 
 
 @functools.lru_cache(maxsize=8)
-def _font(size: int = 12) -> ImageFont.ImageFont:
+def font(size: int = 12) -> ImageFont.ImageFont:
+    """Pillow's default font at `size` px where Pillow can scale it."""
     try:
         return ImageFont.load_default(size=size)      # Pillow >= 10.1: scalable default font
     except TypeError:
@@ -160,7 +161,7 @@ def draw_on(img: Image.Image, p: Particles, hw: tuple[int, int], zoom: int, *,
 
 
 def draw_particles(image: Tensor, p: Particles, zoom: int = 4, boxes: bool = True,
-                   min_transparency: float = 0.1, highlight: Sequence[int] = ()) -> Image.Image:
+                   min_transparency: float = FAINT, highlight: Sequence[int] = ()) -> Image.Image:
     """Frame [3, H, W] with its particles p ([K, ...], one frame) drawn on it: a dot per particle
     and optionally its glimpse box. Particles below `min_transparency` are left out here."""
     hw = tuple(image.shape[-2:])
@@ -179,15 +180,15 @@ def draw_proposals(image: Tensor, proposals: Tensor, zoom: int = 1, colour=PROPO
 def grid(rows: list[list[Image.Image]], pad: int = 2, labels: Optional[list[str]] = None) -> Image.Image:
     """Tile equally sized images row by row on a dark background, labels in a left column."""
     h, w = rows[0][0].height, rows[0][0].width
-    font = _font(12)
+    label_font = font(12)
     probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    label_w = 0 if not labels else int(max(probe.textlength(s, font=font) for s in labels)) + 10
+    label_w = 0 if not labels else int(max(probe.textlength(s, font=label_font) for s in labels)) + 10
     cols = max(len(r) for r in rows)
     out = Image.new("RGB", (label_w + cols * (w + pad) + pad, len(rows) * (h + pad) + pad), BACKDROP)
     draw = ImageDraw.Draw(out)
     for i, row in enumerate(rows):
         if labels:
-            draw.text((4, pad + i * (h + pad) + h // 2), labels[i], fill=TEXT, font=font, anchor="lm")
+            draw.text((4, pad + i * (h + pad) + h // 2), labels[i], fill=TEXT, font=label_font, anchor="lm")
         for j, im in enumerate(row):
             out.paste(im, (label_w + pad + j * (w + pad), pad + i * (h + pad)))
     return out
@@ -297,7 +298,7 @@ def _rollout_frame(tiles: list[Image.Image], titles: list[tuple[str, tuple]], bo
     draw = ImageDraw.Draw(out)
     for j, (tile, (title, colour), frame_colour) in enumerate(zip(tiles, titles, borders)):
         left = gap + j * (w + gap)
-        draw.text((left + 2, header // 2), title, fill=colour, font=_font(12), anchor="lm")
+        draw.text((left + 2, header // 2), title, fill=colour, font=font(12), anchor="lm")
         out.paste(_framed(tile, frame_colour, border), (left, header))
     return out
 
@@ -341,7 +342,7 @@ def rollout_frames(gt: Optional[Tensor], pred: Tensor, particles: Optional[Parti
 
 def _blank(size: tuple[int, int], text: str) -> Image.Image:
     img = Image.new("RGB", size, (45, 45, 45))
-    ImageDraw.Draw(img).text((size[0] // 2, size[1] // 2), text, fill=(160, 160, 160), font=_font(11),
+    ImageDraw.Draw(img).text((size[0] // 2, size[1] // 2), text, fill=(160, 160, 160), font=font(11),
                              anchor="mm")
     return img
 

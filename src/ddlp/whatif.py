@@ -23,10 +23,11 @@ from typing import Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw
 from torch import Tensor
 
 from .particles import Particles
+from .viz import FAINT, font
 
 BURN_IN = 4                      # the paper's tau: edits default to these frames where no model says otherwise
 ATTRIBUTES = ("position", "scale", "depth", "transparency", "features", "bg_features")
@@ -406,13 +407,6 @@ def load_ddlp(path: str | Path, map_location: str = "cpu"):
 
 
 # ------------------------------------------------------------------------------ outputs
-def _font(size: int = 12) -> ImageFont.ImageFont:
-    try:
-        return ImageFont.load_default(size=size)
-    except TypeError:
-        return ImageFont.load_default()
-
-
 def _panel(frame: Tensor, p: Particles, t: int, touched: Sequence[int], zoom: int, trail: int,
            draw_particles: bool) -> Image.Image:
     """One frame (zoomed) with particle dots, fading trails and rings around edited particles."""
@@ -447,7 +441,7 @@ def side_by_side_frames(result: WhatIfResult, zoom: Optional[int] = None, trail:
     orig, edit = result.original[index], result.edited[index]
     po, pe = result.original_particles[index], result.edited_particles[index]
     zoom = zoom or auto_zoom(orig.shape[-1], 192)
-    font, header, gap, border = _font(12), 18, 6, 3
+    label_font, header, gap, border = font(12), 18, 6, 3
     out = []
     for t in range(orig.shape[0]):
         cond = t < result.cond_steps
@@ -460,7 +454,7 @@ def side_by_side_frames(result: WhatIfResult, zoom: Optional[int] = None, trail:
         draw = ImageDraw.Draw(canvas)
         for j, (tile, title) in enumerate(tiles):
             left = gap + j * (w + gap)
-            draw.text((left + 2, header // 2), title, fill=colour, font=font, anchor="lm")
+            draw.text((left + 2, header // 2), title, fill=colour, font=label_font, anchor="lm")
             draw.rectangle([left, header, left + w - 1, header + h - 1], fill=colour)
             canvas.paste(tile, (left + border, header + border))
         out.append(canvas)
@@ -516,11 +510,11 @@ def trajectory_figure(result: WhatIfResult, zoom: Optional[int] = None, index: i
         pos = p[index].position.cpu().numpy()
         on = p[index].transparency.cpu().numpy()
         for k in range(K):
-            if on[:, k].max() < 0.1:
+            if on[:, k].max() < FAINT:
                 continue
             pts = [(float(to_pixel(x, hw[1], zoom)), float(to_pixel(y, hw[0], zoom))) for y, x in pos[:, k]]
             d.line(pts, fill=colours[k], width=width)
             x0, y0 = pts[0]
             d.ellipse([x0 - 3, y0 - 3, x0 + 3, y0 + 3], fill=colours[k])
-    d.text((4, 4), "thin: original   thick: what-if", fill=(230, 230, 230), font=_font(11))
+    d.text((4, 4), "thin: original   thick: what-if", fill=(230, 230, 230), font=font(11))
     return img

@@ -1,8 +1,6 @@
 """`ddlp data ...`: generate and inspect datasets."""
 from __future__ import annotations
 
-import json
-
 
 def cmd_balls(args) -> int:
     from ..data.balls import write_balls
@@ -13,27 +11,14 @@ def cmd_balls(args) -> int:
     return 0
 
 
-def _overrides(items: list[str] | None) -> dict:
-    out = {}
-    for item in items or []:
-        if "=" not in item:
-            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
-        key, value = item.split("=", 1)
-        try:
-            out[key.strip()] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key.strip()] = value
-    return out
-
-
 def cmd_inspect(args) -> int:
     from pathlib import Path
 
-    from ..config import PRESETS, Config
+    from ..config import PRESETS, Config, parse_overrides
     from ..data import inspect as ins
     from ..data.options import DataOptions
     path = Path(args.path).expanduser()
-    overrides = _overrides(args.set)
+    overrides = parse_overrides(args.set)
     if args.dataset:
         preset = args.preset or (args.dataset if args.dataset in PRESETS else "balls_small")
         config = Config.preset(preset, **overrides)
