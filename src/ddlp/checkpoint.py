@@ -4,15 +4,17 @@ stands for (`resolve_checkpoint`, `load_video_model`). Model files themselves: d
 from __future__ import annotations
 
 import json
+import os
 import random
+import shutil
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
 
 from .config import Config
-from .storage import CONFIG, WEIGHTS, model_directory
+from .storage import CONFIG, WEIGHTS, atomic_write, model_directory, save_pretrained
 
 
 # ------------------------------------------------------------------------------ training state
@@ -52,6 +54,27 @@ def load_state(path: str | Path, map_location: str = "cpu") -> dict:
     runs saved before `rng_state` stored tensors."""
     with torch.serialization.safe_globals(_numpy_array_globals()):
         return torch.load(path, map_location=map_location, weights_only=True)
+
+
+def write_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module, state: dict, keep: int,
+                     extra: Optional[dict[str, Callable[[str], None]]] = None) -> Path:
+    """checkpoints/step-N/ (model files, state.pt, and `extra` files written by their callables)
+    written completely under a temporary name, renamed, then `latest` pointed at it and all but
+    the `keep` newest removed: a crash at any moment leaves the previous checkpoint usable."""
+    folder = Path(run_dir) / "checkpoints"
+    final = folder / f"step-{step:08d}"
+    tmp = final.with_name(final.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_pretrained(model, tmp)
+    for name, write in (extra or {}).items():
+        atomic_write(tmp / name, write)
+    atomic_write(tmp / "state.pt", lambda p: torch.save(state, p))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    atomic_write(folder / "latest", lambda p: Path(p).write_text(final.name))
+    for old in sorted(folder.glob("step-*[0-9]"))[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
 
 
 # ------------------------------------------------------------------------------ run directories

@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,11 +28,11 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from .checkpoint import latest_checkpoint, load_state, rng_state, set_rng_state
-from .storage import atomic_write, save_pretrained
+from .checkpoint import latest_checkpoint, load_state, rng_state, set_rng_state, write_checkpoint
 from .config import Config
 from .losses import elbo
 from .model import ParticleModel, build_model
+from .storage import save_pretrained
 
 
 class TrainingError(RuntimeError):
@@ -221,20 +219,11 @@ class Trainer:
                     optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict(), rng=rng_state())
 
     def save_checkpoint(self) -> Path:
-        """Write checkpoints/step-N/ completely, then point `latest` at it: a crash at any moment
-        leaves the previous checkpoint usable."""
+        """checkpoints/step-N/ of this step (see checkpoint.write_checkpoint), on the main process."""
         self.acc.wait_for_everyone()
         final = self.run_dir / "checkpoints" / f"step-{self.global_step:08d}"
         if self.acc.is_main_process:
-            tmp = final.with_name(final.name + ".tmp")
-            shutil.rmtree(tmp, ignore_errors=True)
-            save_pretrained(self.model, tmp)
-            atomic_write(tmp / "state.pt", lambda p: torch.save(self.state(), p))
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(tmp, final)
-            atomic_write(final.parent / "latest", lambda p: Path(p).write_text(final.name))
-            for old in sorted(final.parent.glob("step-*[0-9]"))[:-self.opt.keep_checkpoints]:
-                shutil.rmtree(old, ignore_errors=True)
+            write_checkpoint(self.run_dir, self.global_step, self.model, self.state(), self.opt.keep_checkpoints)
         self.acc.wait_for_everyone()
         return final
 

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from ..checkpoint import load_state, rng_state, set_rng_state
+from ..checkpoint import load_state, rng_state, set_rng_state, write_checkpoint
 from ..storage import atomic_write, save_pretrained
 from .latents import STATS_FILE, LatentStats, default_clips, encode_dataset, fingerprint, load_tokens, save_tokens
 from .model import DiffuseDDLP, DiffusionConfig, load_ddlp, resolve_ddlp_dir
@@ -136,21 +136,12 @@ class DiffusionTrainer:
                     n_averaged=self.ema.n_averaged.clone(), rng=rng_state())
 
     def save_checkpoint(self) -> Path:
-        """checkpoints/step-N/ written completely, then `latest` pointed at it; model/ refreshed."""
+        """checkpoints/step-N/ with the EMA weights beside the model (checkpoint.write_checkpoint);
+        model/ refreshed with the EMA model."""
         from safetensors.torch import save_file
-        folder = self.run_dir / "checkpoints"
-        final = folder / f"step-{self.step:08d}"
-        tmp = final.with_name(final.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        save_pretrained(self.model, tmp)
         ema = {k: v.detach().contiguous().cpu() for k, v in self.ema_model.state_dict().items()}
-        atomic_write(tmp / "ema.safetensors", lambda p: save_file(ema, p, metadata={"format": "pt"}))
-        atomic_write(tmp / "state.pt", lambda p: torch.save(self.state(), p))
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        atomic_write(folder / "latest", lambda p: Path(p).write_text(final.name))
-        for old in sorted(folder.glob("step-*[0-9]"))[:-self.opt.keep_checkpoints]:
-            shutil.rmtree(old, ignore_errors=True)
+        final = write_checkpoint(self.run_dir, self.step, self.model, self.state(), self.opt.keep_checkpoints,
+                                 extra={"ema.safetensors": lambda p: save_file(ema, p, metadata={"format": "pt"})})
         save_pretrained(self.ema_model, self.run_dir / "model")
         return final
 
