@@ -26,6 +26,7 @@ from . import checkpoint
 from .config import Config
 from .metrics import LPIPS, ground_truth_xy, med_errors, med_summary, particles_to_xy, psnr, ssim
 from .storage import atomic_write
+from .train import batch_frames
 from .viz import font
 
 # (conditioning frames, total frames H) of the paper's test tables, per dataset name.
@@ -154,12 +155,6 @@ class Scores:
     baselines: dict[str, "Scores"] = field(default_factory=dict)   # predictor name -> its scores
 
 
-def _frames(batch) -> Tensor:
-    if isinstance(batch, dict):
-        return batch["frames"]
-    return batch[0] if isinstance(batch, (list, tuple)) else batch
-
-
 def image_scores(pred: Tensor, gt: Tensor, lpips: Optional[LPIPS] = None) -> dict[str, Tensor]:
     """PSNR, SSIM (and LPIPS) of images [N, 3, H, W] in [0, 1], one value per image, in chunks."""
     out: dict[str, list[Tensor]] = {"psnr": [], "ssim": [], "mse": []}
@@ -219,7 +214,7 @@ def score_rollouts(model, clips: Iterable, protocol: Protocol, lpips: Optional[L
     feats: tuple[list[Tensor], list[Tensor]] = ([], [])
     n = 0
     for batch in tqdm(clips, desc="evaluate", unit="batch", total=total, disable=not progress):
-        frames = _frames(batch)[:, :protocol.total].to(device).float()
+        frames = batch_frames(batch)[:, :protocol.total].to(device).float()
         B = frames.shape[0]
         flat = lambda x: x.reshape(-1, *x.shape[2:])  # noqa: E731
         posterior = model.encode(frames[:, :c], deterministic=protocol.deterministic)
@@ -534,7 +529,7 @@ def check_clips(dataset, model_size: int, needed: int, where: str) -> int:
     """Fail with the reason when the data cannot be scored by this model; returns the clip length."""
     if len(dataset) == 0:
         raise ValueError(f"{where} is empty")
-    frames = _frames(dataset[0])
+    frames = batch_frames(dataset[0])
     if frames.ndim != 4 or frames.shape[1] != 3:
         raise ValueError(f"{where} yields items of shape {tuple(frames.shape)}; evaluation needs whole "
                          "clips [T, 3, H, W] (is this an image dataset or a DLP config?)")

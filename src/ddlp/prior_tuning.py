@@ -25,7 +25,7 @@ from .losses import dynamics_kl
 from .model import DDLP
 from .particles import Particles
 from .pint import PINT, RelativeBias
-from .train import _frames
+from .train import batch_frames
 
 
 class PosteriorCache:
@@ -100,7 +100,7 @@ def encode_posteriors(model: DDLP, dataset: Dataset, clips: int, frames: Optiona
     start = time.time()
     loader = DataLoader(torch.utils.data.Subset(dataset, idx), batch_size=batch_size)
     for batch in tqdm(loader, desc="encode clips", unit="batch", disable=not progress, leave=False):
-        x = _frames(batch)[:, :frames].to(device)
+        x = batch_frames(batch)[:, :frames].to(device)
         out.append(model.encode(x, deterministic=False))
         if max_minutes is not None and time.time() - start > 60 * max_minutes:
             break

@@ -84,8 +84,11 @@ class EpochSampler(Sampler[int]):
         return (self.batches_per_epoch() - self.skip_batches) * self.batch_size
 
 
-def _frames(batch) -> Tensor:
-    return batch["frames"] if isinstance(batch, dict) else batch
+def batch_frames(batch) -> Tensor:
+    """The frames of a DataLoader batch: a dict's "frames", a tuple's first item, or the tensor."""
+    if isinstance(batch, dict):
+        return batch["frames"]
+    return batch[0] if isinstance(batch, (list, tuple)) else batch
 
 
 # ------------------------------------------------------------------------------ the objective
@@ -258,7 +261,7 @@ class Trainer:
         for i, batch in enumerate(loader):
             if i >= self.opt.eval_batches:
                 break
-            x = self._clip(_frames(batch)).to(self.acc.device)
+            x = self._clip(batch_frames(batch)).to(self.acc.device)
             logs, _ = self.loss_fn(x, False, False, None)
             for k, v in logs.items():
                 totals[k] = totals.get(k, 0.0) + float(v)
@@ -282,7 +285,7 @@ class Trainer:
         try:
             from . import viz
             model = self.model.eval()
-            x = self._clip(_frames(batch))[:2].to(self.acc.device)
+            x = self._clip(batch_frames(batch))[:2].to(self.acc.device)
             with torch.no_grad():
                 out = model(x, deterministic=True)
                 fig = viz.nine_row_figure(x, out, topk=self.config.topk)
@@ -292,7 +295,7 @@ class Trainer:
                 if self.writer is not None:
                     self.writer.add_image("figure", np.asarray(fig), self.epoch, dataformats="HWC")
                 if self.config.is_video:
-                    frames = _frames(batch)[:1].to(self.acc.device)
+                    frames = batch_frames(batch)[:1].to(self.acc.device)
                     cond = min(self.config.cond_steps, frames.shape[1] - 1, self.config.timestep_horizon)
                     steps = max(frames.shape[1] - cond, 1)
                     pred, particles = model.rollout(frames, steps, cond)
@@ -325,7 +328,7 @@ class Trainer:
             self.objective.train()
             first_batch = None
             for batch in self.loader:
-                x = _frames(batch).to(acc.device, non_blocking=True)
+                x = batch_frames(batch).to(acc.device, non_blocking=True)
                 first_batch = first_batch if first_batch is not None else batch
                 disc = future_weights(self.iteration, c, self.steps_per_epoch, acc.device) if c.is_video else None
                 with acc.accumulate(self.objective), acc.autocast():
@@ -417,7 +420,7 @@ def prediction_errors(model, batch, device, steps: int = PREDICTION_STEPS) -> di
     [B, steps]: G-SWM's MED per step, when the batch carries ball positions and the clips are
     long enough."""
     from .metrics import ground_truth_xy, med_errors, particles_to_xy
-    frames = _frames(batch).to(device)
+    frames = batch_frames(batch).to(device)
     cond = min(model.config.cond_steps, model.config.timestep_horizon)
     if frames.shape[1] <= cond:
         return {}
@@ -451,7 +454,7 @@ def check_data(dataset: Dataset, config: Config, what: str) -> None:
     """Fail before training, with the reason, when the data cannot feed this model."""
     if len(dataset) == 0:
         raise TrainingError(f"the {what} set is empty")
-    x = _frames(dataset[0])
+    x = batch_frames(dataset[0])
     size = config.image_size
     if x.shape[-3:] != (3, size, size):
         raise TrainingError(f"the {what} data have frames of shape {tuple(x.shape[-3:])}, but the "
