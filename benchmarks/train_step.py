@@ -1,6 +1,6 @@
 """Training throughput, peak memory and rollout time of the paper's presets.
 
-    python benchmarks/train_step.py [--presets balls obj3d128] [--steps 5] [--json out.json]
+    python benchmarks/train_step.py [--presets balls obj3d128] [--precision fp32 bf16] [--steps 5] [--json out.json]
     python benchmarks/train_step.py --compare HEAD~3 [WORKTREE] [--rounds 3]
 
 Each preset runs in its own process (so peak memory is its own): synthetic clips of moving
@@ -33,8 +33,12 @@ SETTINGS = {  # preset: (batch, frames per clip) as stated in docs/performance.m
 }
 
 
-def run_one(preset: str, steps: int, device: str) -> dict:
+def run_one(preset: str, steps: int, device: str, precision: str = "fp32") -> dict:
+    import contextlib
+
     import torch
+
+    from ddlp.nn.precision import cpu_model, native_bf16
 
     from ddlp import Config, build_model
     from ddlp.data.synthetic import moving_discs
@@ -47,6 +51,11 @@ def run_one(preset: str, steps: int, device: str) -> dict:
     x = moving_discs(frames=frames, size=cfg.image_size, batch=batch, seed=0).to(device)
     ones = torch.ones(cfg.timestep_horizon, device=device)
 
+    def autocast():
+        if precision == "fp32":
+            return contextlib.nullcontext()
+        return torch.autocast("cuda" if device.startswith("cuda") else "cpu", dtype=torch.bfloat16)
+
     def sync():
         if device.startswith("cuda"):
             torch.cuda.synchronize()
@@ -55,7 +64,8 @@ def run_one(preset: str, steps: int, device: str) -> dict:
     for i in range(steps + 1):                  # the first step warms up kernels/allocators
         sync()
         t, c = time.perf_counter(), time.process_time()
-        loss = elbo(model(x), x, cfg, discount=ones)["loss"]
+        with autocast():
+            loss = elbo(model(x), x, cfg, discount=ones)["loss"]
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -63,7 +73,7 @@ def run_one(preset: str, steps: int, device: str) -> dict:
         if i:
             times.append(time.perf_counter() - t)
             cpu_times.append(time.process_time() - c)
-    with torch.no_grad():
+    with torch.no_grad(), autocast():
         model.eval()
         enc_t = time.perf_counter()
         model(x, deterministic=True)
@@ -79,7 +89,9 @@ def run_one(preset: str, steps: int, device: str) -> dict:
     step = statistics.median(times)
     peak = (torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda")
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
+    native, evidence = native_bf16(device)
     return dict(preset=preset, batch=batch, frames=frames, device=device, threads=torch.get_num_threads(),
+                precision=precision, cpu=cpu_model(), native_bf16=native, bf16_evidence=evidence,
                 train_step_s=step, clips_per_s=batch / step, train_step_cpu_s=statistics.median(cpu_times), peak_memory_gb=peak,
                 forward_s=enc_t, rollout_100_frames_s=rollout_t, torch=torch.__version__)
 
@@ -88,13 +100,13 @@ def run_one(preset: str, steps: int, device: str) -> dict:
 METRICS = ("train_step_s", "train_step_cpu_s", "peak_memory_gb", "forward_s", "rollout_100_frames_s")
 
 
-def measure(preset: str, steps: int, device: str, src: str | None = None) -> dict:
+def measure(preset: str, steps: int, device: str, src: str | None = None, precision: str = "fp32") -> dict:
     """run_one in a fresh process, importing ddlp from `src` (default: the installed one)."""
     env = dict(os.environ)
     if src:
         env["PYTHONPATH"] = src + os.pathsep + env.get("PYTHONPATH", "")
     r = subprocess.run([sys.executable, __file__, "--one", preset, "--steps", str(steps),
-                        "--device", device], capture_output=True, text=True, env=env)
+                        "--device", device, "--precision", precision], capture_output=True, text=True, env=env)
     if r.returncode:
         sys.exit(r.stderr)
     return json.loads(r.stdout.strip().splitlines()[-1])
@@ -113,10 +125,10 @@ def checkout(rev: str, into: Path) -> str:
 
 
 def print_table(rows: list[dict]) -> None:
-    print(f"{'preset':<12} {'batch x T':>9} {'step (s)':>9} {'clips/s':>8} {'peak (GB)':>9} "
+    print(f"{'preset':<12} {'precision':<9} {'batch x T':>9} {'step (s)':>9} {'clips/s':>8} {'peak (GB)':>9} "
           f"{'fwd (s)':>8} {'rollout100 (s)':>14}")
     for r in rows:
-        print(f"{r['preset']:<12} {r['batch']:>4} x {r['frames']:<3} {r['train_step_s']:>9.2f} "
+        print(f"{r['preset']:<12} {r.get('precision', 'fp32'):<9} {r['batch']:>4} x {r['frames']:<3} {r['train_step_s']:>9.2f} "
               f"{r['clips_per_s']:>8.2f} {r['peak_memory_gb']:>9.2f} {r['forward_s']:>8.2f} "
               f"{r['rollout_100_frames_s']:>14.2f}")
 
@@ -151,12 +163,18 @@ def main() -> None:
     ap.add_argument("--compare", nargs="+", metavar="REV",
                     help="two revisions to run side by side (one given: REV against WORKTREE)")
     ap.add_argument("--rounds", type=int, default=3, help="alternating rounds for --compare")
+    ap.add_argument("--precision", nargs="+", default=["fp32"], choices=["fp32", "bf16"],
+                    help="fp32 and/or bf16 (torch.autocast around forward, loss and rollout); each is measured")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
-        print(json.dumps(run_one(args.one, args.steps, args.device)))
+        print(json.dumps(run_one(args.one, args.steps, args.device, args.precision[0])))
         return
-    machine = dict(machine=platform.platform(), processor=platform.processor())
+    from ddlp.nn.precision import cpu_model, native_bf16
+    native, evidence = native_bf16(args.device)
+    machine = dict(machine=platform.platform(), processor=platform.processor(), cpu=cpu_model(),
+                   native_bf16=native, bf16_evidence=evidence)
+    print(f"{machine['cpu']}; native bf16: {'yes' if native else 'no'} ({evidence})")
     if args.compare:
         revs = args.compare + ["WORKTREE"] if len(args.compare) == 1 else args.compare
         if len(revs) != 2:
@@ -164,7 +182,7 @@ def main() -> None:
         result = compare(revs, args.presets, args.steps, args.rounds, args.device)
         out = args.json.replace(".json", "_compare.json")
     else:
-        rows = [measure(preset, args.steps, args.device) for preset in args.presets]
+        rows = [measure(preset, args.steps, args.device, precision=p) for preset in args.presets for p in args.precision]
         print_table(rows)
         result, out = dict(results=rows), args.json
     with open(out, "w") as f:

@@ -245,7 +245,7 @@ def test_validation_reports_how_well_the_model_predicts(tmp_path):
     assert any("val_med10" in r and "val_pred_step1_px" in r for r in logged)
 
 
-@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+@pytest.mark.parametrize("precision", ["bf16", "fp16", "auto"])
 def test_cli_trains_under_autocast(tmp_path, precision):
     """Mixed precision on the CPU: the Beta sampler, the KL terms and the losses run in float32
     (no "dirichlet not implemented for 'BFloat16'"), the weights stay float32 and finite. In a
@@ -261,6 +261,11 @@ def test_cli_trains_under_autocast(tmp_path, precision):
     assert done.returncode == 0, done.stderr[-2000:]
     loss = float(done.stdout.split("last loss ")[1].split(";")[0])
     assert math.isfinite(loss) and loss > 0
+    from ddlp.nn.precision import native_bf16
+    chosen = {"bf16": "bf16", "fp16": "fp16", "auto": "bf16" if native_bf16()[0] else "no"}[precision]
+    record = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
+    assert record["precision"] == chosen and (record["precision_reason"].startswith("auto: ") == (precision == "auto"))
+    assert f"precision: {'fp32' if chosen == 'no' else chosen} (" in done.stdout
     weights = ParticleModel.from_pretrained(latest_checkpoint(tmp_path / "run")).state_dict().values()
     assert all(w.dtype == torch.float32 and torch.isfinite(w).all() for w in weights)
 
@@ -313,3 +318,19 @@ def test_train_enc_prior_false_detaches_the_proposals_in_training():
         grads[flag] = torch.autograd.grad(logs["loss"], prior, allow_unused=True)
     assert all(g is not None and torch.isfinite(g).all() for g in grads[False])
     assert any(not torch.allclose(a, b) for a, b in zip(grads[True], grads[False]))
+
+
+def test_precision_auto_follows_the_hardware(monkeypatch):
+    import builtins
+    import io
+
+    from ddlp.nn import precision as P
+    assert P.resolve_precision("fp16") == ("fp16", "asked for")
+    real_open = builtins.open
+    for flags, expected in (("fpu sse avx512f avx512_bf16", ("bf16", "auto: avx512_bf16")),
+                            ("fpu sse amx_bf16 amx_tile", ("bf16", "auto: amx_bf16")),
+                            ("fpu sse avx2", ("no", "auto: no amx_bf16 / avx512_bf16 flag"))):
+        fake = f"processor\t: 0\nmodel name\t: Test CPU\nflags\t\t: {flags}\n"
+        monkeypatch.setattr(builtins, "open", lambda f, *a, **k: io.StringIO(fake) if f == "/proc/cpuinfo"
+                            else real_open(f, *a, **k))
+        assert P.resolve_precision("auto", "cpu") == expected and P.cpu_model() == "Test CPU"

@@ -187,7 +187,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int)
     p.add_argument("--seed", type=int)
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override any config key (repeatable)")
-    p.add_argument("--precision", default="no", choices=["no", "bf16", "fp16"], help="autocast precision")
+    p.add_argument("--precision", default="no", choices=["no", "bf16", "fp16", "auto"],
+                   help="autocast precision: no (fp32, the default), bf16, fp16, or auto (bf16 where the hardware "
+                   "has it natively: AMX/AVX512-BF16 CPUs, GPUs of compute capability 8+; else fp32)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (GPU only: torch "
                    "2.13 cannot compile its backward on the CPU)")
     p.add_argument("--low-memory", action="store_true", help="recompute the background CNNs in the "

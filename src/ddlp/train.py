@@ -32,6 +32,7 @@ from .checkpoint import latest_checkpoint, load_state, rng_state, set_rng_state,
 from .config import Config
 from .losses import elbo
 from .model import ParticleModel, build_model
+from .nn.precision import resolve_precision
 from .storage import save_pretrained
 
 
@@ -45,7 +46,7 @@ class TrainOptions:
     max_steps: Optional[int] = None         # stop after this many optimizer steps
     max_minutes: Optional[float] = None     # stop (after a checkpoint) when this much time has passed
     num_workers: int = 2
-    precision: str = "no"                   # 'no', 'bf16' or 'fp16' (accelerate autocast)
+    precision: str = "no"                   # 'no', 'bf16', 'fp16' (accelerate autocast) or 'auto' (bf16 where native)
     compile: bool = False
     low_memory: bool = False                # recompute the background CNNs in backward (less RAM)
     grad_accum: int = 1
@@ -143,7 +144,9 @@ class Trainer:
         self.config, self.opt = config, options or TrainOptions()
         self.run_dir = Path(self.opt.run_dir)
         # Without a GPU, accelerate only forms a multi-process (gloo) group when told cpu=True.
-        self.acc = Accelerator(mixed_precision=self.opt.precision, cpu=not torch.cuda.is_available(),
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.precision, self.precision_reason = resolve_precision(self.opt.precision, device)
+        self.acc = Accelerator(mixed_precision=self.precision, cpu=device == "cpu",
                                gradient_accumulation_steps=self.opt.grad_accum)
         set_seed(config.seed)
         self._check_writable()
@@ -311,6 +314,8 @@ class Trainer:
         c, acc = self.config, self.acc
         if acc.is_main_process:
             c.save(self.run_dir / "config.json")
+            print(f"precision: {'fp32' if self.precision == 'no' else self.precision} ({self.precision_reason})")
+            self.log(dict(step=self.global_step, precision=self.precision, precision_reason=self.precision_reason))
         start = time.time()
         num_epochs = c.num_epochs
         bar = None

@@ -5,3 +5,39 @@ from torch import Tensor
 def full_precision(t: Tensor) -> Tensor:
     """`t` in float32 if it is a half-precision float (bf16/fp16), else unchanged (float64 stays)."""
     return t.float() if t.is_floating_point() and t.element_size() < 4 else t
+
+
+def cpu_model() -> str:
+    """The CPU's model name (from /proc/cpuinfo where there is one)."""
+    import platform
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def native_bf16(device: str = "cpu") -> tuple[bool, str]:
+    """Whether `device` computes bfloat16 natively, and the evidence: AMX-BF16 or AVX512-BF16 on a
+    CPU (/proc/cpuinfo flags), compute capability 8.0 or higher on a CUDA GPU."""
+    import torch
+    if device.startswith("cuda"):
+        major, minor = torch.cuda.get_device_capability(torch.device(device))
+        return major >= 8, f"compute capability {major}.{minor}"
+    try:
+        flags = next((line.split(":", 1)[1].split() for line in open("/proc/cpuinfo") if line.startswith("flags")), [])
+    except OSError:
+        flags = []
+    found = [f for f in ("amx_bf16", "avx512_bf16") if f in flags]
+    return bool(found), ", ".join(found) if found else "no amx_bf16 / avx512_bf16 flag"
+
+
+def resolve_precision(precision: str, device: str = "cpu") -> tuple[str, str]:
+    """'auto' -> 'bf16' where the device has native bf16, else 'no' (fp32); other values pass
+    through. Returns the precision and why it was chosen."""
+    if precision != "auto":
+        return precision, "asked for"
+    native, evidence = native_bf16(device)
+    return ("bf16" if native else "no"), f"auto: {evidence}"
