@@ -124,3 +124,18 @@ def test_predict_an_episode_of_an_hdf5_dataset(model_and_clip, tmp_path, capsys)
     assert main(["predict", str(root / "model"), "--input", str(tmp_path / "balls"), "--split", "test",
                  "--episode", "2", "--cond", "4", "--horizon", "8", "--out", str(tmp_path / "o2"), "--formats", "gif"]) == 0
     assert np.array_equal(np.load(tmp_path / "o2" / "particles.npz")["position"], saved["position"])
+
+
+def test_predict_use_last_takes_the_runs_latest_checkpoint(model_and_clip, tmp_path):
+    root, model, clip = model_and_clip
+    from ddlp.checkpoint import write_checkpoint
+    run = tmp_path / "run"
+    model.save_pretrained(run / "best")
+    write_checkpoint(run, 7, model, {"step": 7}, keep=2)
+    for flags, source in (([], "best (lowest validation ELBO)"), (["--use-last"], "latest checkpoint")):
+        out = tmp_path / ("last" if flags else "best")
+        assert main(["predict", str(run), "--input", str(clip), "--cond", "4", "--horizon", "6",
+                     "--out", str(out), "--formats", "gif", *flags]) == 0
+        info = json.loads((out / "particles.json").read_text())["checkpoint"]
+        assert info["source"] == source and info["run"] == str(run)
+    assert info["path"].endswith("step-00000007") and info["step"] == 7
