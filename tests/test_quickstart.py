@@ -48,6 +48,8 @@ def test_quickstart_spends_its_budget_phase_by_phase(tmp_path):
     # one row per test episode (2 here), ground truth beside prediction in each; 14 frames
     assert gif.n_frames == 14 and gif.width < gif.height < 1.5 * gif.width, gif.size
     assert json.loads((tmp_path / "run" / "best" / "config.json").read_text())["n_kp_enc"] == 3
+    card = (tmp_path / "run" / "best" / "README.md").read_text()
+    assert "## Evaluation" in card and f"| med10 | {saved['med10']:.4g} |" in card
 
 
 def test_a_diverging_joint_phase_leaves_its_time_to_pint(tmp_path, monkeypatch):

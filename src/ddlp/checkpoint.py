@@ -56,13 +56,18 @@ def load_state(path: str | Path, map_location: str = "cpu") -> dict:
         return torch.load(path, map_location=map_location, weights_only=True)
 
 
+def checkpoint_path(run_dir: str | Path, step: int) -> Path:
+    """Where a run keeps its checkpoint of `step`: checkpoints/step-N (N zero-padded to 8 digits)."""
+    return Path(run_dir) / "checkpoints" / f"step-{step:08d}"
+
+
 def write_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module, state: dict, keep: int,
                      extra: Optional[dict[str, Callable[[str], None]]] = None) -> Path:
     """checkpoints/step-N/ (model files, state.pt, and `extra` files written by their callables)
     written completely under a temporary name, renamed, then `latest` pointed at it and all but
     the `keep` newest removed: a crash at any moment leaves the previous checkpoint usable."""
-    folder = Path(run_dir) / "checkpoints"
-    final = folder / f"step-{step:08d}"
+    final = checkpoint_path(run_dir, step)
+    folder = final.parent
     tmp = final.with_name(final.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     save_pretrained(model, tmp)

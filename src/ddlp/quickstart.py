@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from .storage import atomic_write, save_pretrained
+from .storage import atomic_write, save_pretrained, write_model_card
 from .config import Config
 from .evaluate import PAPER_PROTOCOLS
 from .model import DDLP, ParticleModel
@@ -98,8 +98,8 @@ def run(out_dir: str = "runs/quickstart", data_dir: str = "data/balls", minutes:
     budget_used = time.time() - t0 - setup
 
     report = evaluate_quickstart(model, out, root, cond, horizon, gif_episodes)
-    save_pretrained(model, out / "best", metrics={k: v for k, v in report.items()
-                                                  if isinstance(v, (int, float)) and not isinstance(v, bool)})
+    write_model_card(out / "best", model.config, sum(t.numel() for t in model.state_dict().values()),
+                     metrics={k: v for k, v in report.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
     metrics = dict(report, minutes=minutes, budget_split=budget, setup_seconds=setup,
                    joint_seconds=joint_seconds, joint_steps=trainer.global_step, joint_stopped=joint_stopped,
                    encode_seconds=encode_seconds, budget_seconds=budget_used, **prior,

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from .checkpoint import latest_checkpoint, load_state, rng_state, set_rng_state, write_checkpoint
+from .checkpoint import checkpoint_path, latest_checkpoint, load_state, rng_state, set_rng_state, write_checkpoint
 from .config import Config
 from .losses import elbo
 from .model import ParticleModel, build_model
@@ -227,11 +227,10 @@ class Trainer:
     def save_checkpoint(self) -> Path:
         """checkpoints/step-N/ of this step (see checkpoint.write_checkpoint), on the main process."""
         self.acc.wait_for_everyone()
-        final = self.run_dir / "checkpoints" / f"step-{self.global_step:08d}"
         if self.acc.is_main_process:
             write_checkpoint(self.run_dir, self.global_step, self.model, self.state(), self.opt.keep_checkpoints)
         self.acc.wait_for_everyone()
-        return final
+        return checkpoint_path(self.run_dir, self.global_step)
 
     def resume(self, run_dir: Optional[Path] = None) -> bool:
         ckpt = latest_checkpoint(run_dir or self.run_dir)
