@@ -238,26 +238,3 @@ def test_official_manifest_maps_onto_our_modules(manifest):
     assert {k for k, shape, _ in d["checkpoint_model"]["keys"] if k == "betas" and shape == [1000]}
     ema_keys = {k for k, _, _ in d["checkpoint_ema"]["keys"]}
     assert {f"ema_model.model.{k}" for k in official} <= ema_keys
-
-
-@pytest.mark.parametrize("relative_bias", [True, False])
-def test_unroll_matches_pint_step(relative_bias):
-    """The cached-mask unroll is PINT.step, step by step, with a sliding context window."""
-    from ddlp import PINT, Particles
-    from ddlp.diffusion.sampler import unroll
-    torch.manual_seed(0)
-    pint = PINT(n_particles=3, features_dim=2, dim=32, heads=4, layers=2, max_frames=4,
-                relative_bias=relative_bias).eval()
-    g = torch.Generator().manual_seed(1)
-    p = Particles(position=torch.rand(2, 3, 3, 2, generator=g) * 2 - 1, scale=torch.randn(2, 3, 3, 2, generator=g),
-                  depth=torch.randn(2, 3, 3, 1, generator=g), transparency=torch.rand(2, 3, 3, generator=g),
-                  features=torch.randn(2, 3, 3, 2, generator=g), bg_features=torch.randn(2, 3, 2, generator=g))
-    out = unroll(pint, p, 9)
-    assert out.batch_shape == (2, 9)
-    history = p.values()
-    with torch.no_grad():
-        for _ in range(6):
-            nxt = pint.step(history, deterministic=True).values()
-            history = Particles.cat([history, nxt.map(lambda t: t.unsqueeze(1))])
-    for name in ("position", "scale", "depth", "transparency", "features", "bg_features"):
-        assert torch.allclose(getattr(out, name), getattr(history, name), atol=1e-5), name

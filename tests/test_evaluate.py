@@ -229,6 +229,6 @@ def test_use_last_takes_the_latest_checkpoint_of_a_run(setup, tmp_path, capsys):
     saved = json.loads((tmp_path / "balls_test_metrics.json").read_text())
     assert "step-00000002" in json.dumps(saved["checkpoint"]) and "best" not in saved["checkpoint"]["source"]
     capsys.readouterr()
-    assert main(["tune-prior", str(root / "run"), "--use-last", "--data.root", str(data), "--out",
+    assert main(["tune-pint", str(root / "run"), "--use-last", "--data.root", str(data), "--out",
                  str(tmp_path / "tuned"), "--steps", "1", "--clips", "2", "--batch-size", "2"]) == 0
     assert "step-00000002" in capsys.readouterr().out and (tmp_path / "tuned" / "config.json").is_file()

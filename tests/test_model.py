@@ -13,7 +13,7 @@ def small(model="ddlp", **kw):
                 patch_size=8, n_kp_enc=4, n_kp_prior=8, learned_feature_dim=3, pint_dim=32,
                 pint_heads=4, pint_layers=2, timestep_horizon=4)
     base.update(kw)
-    return Config(**base).validate()
+    return Config.from_dict(base)
 
 
 @pytest.mark.parametrize("size,anchor_s,patch,enc", [
@@ -30,7 +30,7 @@ def test_shapes_over_image_and_patch_sizes(size, anchor_s, patch, enc):
     B, T = 2, cfg.timestep_horizon + 1
     x = torch.rand(B, T, 3, size, size)
     out = model(x)
-    p, q = out.posterior, out.prior
+    p, q = out.posterior, out.dynamics
     assert out.rec.shape == x.shape and out.bg.shape == x.shape
     assert p.position.shape == (B, T, K, 2) and p.scale.shape == (B, T, K, 2)
     assert p.depth.shape == (B, T, K, 1) and p.transparency.shape == (B, T, K)
@@ -89,7 +89,7 @@ def test_deterministic_mode_repeats_bit_for_bit():
     a = model(x, deterministic=True)
     torch.manual_seed(123)
     b = model(x, deterministic=True)
-    assert torch.equal(a.rec, b.rec) and torch.equal(a.prior.position_mu, b.prior.position_mu)
+    assert torch.equal(a.rec, b.rec) and torch.equal(a.dynamics.position_mu, b.dynamics.position_mu)
     r1, p1 = model.rollout(x, steps=7, cond_steps=3)
     r2, p2 = model.rollout(x, steps=7, cond_steps=3)
     assert torch.equal(r1, r2) and torch.equal(p1.position, p2.position)
@@ -125,6 +125,11 @@ def test_decode_reconstructs_forward():
     x = moving_discs(frames=5, size=64, batch=1, seed=8)
     out = model(x, deterministic=True)
     assert torch.allclose(model.decode(out.posterior), out.rec, atol=1e-6)
+    # decoding a few images at a time (long rollouts) gives the same frames
+    with torch.no_grad():
+        chunked = model.decode(out.posterior, max_images=2)
+    assert chunked.shape == out.rec.shape
+    assert torch.allclose(chunked, out.rec, atol=1e-6)
 
 
 def test_save_and_load_round_trip(tmp_path):
@@ -168,12 +173,24 @@ def test_bad_input_messages():
     (dict(enc_channels=[8, 8, 8, 8, 8, 8]), "background map"),
     (dict(image_size="64"), "image_size must be of type int"), (dict(beta_kl=True), "beta_kl"),
     (dict(start_dyn_epoch=2), "start_dyn_epoch 2: holding the dynamics back .* is not implemented"),
+    (dict(data_split=[0.5, 0.5]), "data_split must be three fractions"),
+    (dict(data_format="gif"), "data_format must be one of"), (dict(data_frame_size=0), "data_frame_size"),
 ])
 def test_invalid_config_values(change, message):
     with pytest.raises(ConfigError, match=message):
         small(**change)
     with pytest.raises(ConfigError, match=message):
         Config.from_dict({**small().to_dict(), **change})
+
+
+def test_data_options_are_typed_and_round_trip(tmp_path):
+    c = small(data_split=[0.6, 0.2, 0.2], data_episode_len=40, data_cache=str(tmp_path))
+    assert c.data.split == (0.6, 0.2, 0.2) and c.data.episode_len == 40 and c.data.cache == str(tmp_path)
+    assert c.data.format == "auto" and c.data.frame_size is None         # defaults
+    c.save(tmp_path / "config.json")
+    saved = (tmp_path / "config.json").read_text()
+    assert '"data_episode_len": 40' in saved                            # stored flat, as written
+    assert Config.from_json(tmp_path / "config.json").data == c.data
 
 
 def test_presets_and_official_files():
@@ -220,7 +237,7 @@ def test_no_tracking_encodes_each_frame_alone():
         with torch.no_grad():
             fwd, rev = model.encode(x), model.encode(x.flip(1))
         assert torch.allclose(fwd.position.flip(1), rev.position, atol=1e-5) == equivariant
-    assert ablated(x).prior.position.shape == (2, 3, ablated.config.n_kp_enc, 2)
+    assert ablated(x).dynamics.position.shape == (2, 3, ablated.config.n_kp_enc, 2)
 
 
 def test_low_memory_background_gives_the_same_gradients():

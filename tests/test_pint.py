@@ -1,4 +1,5 @@
 """PINT on its own: causality, the relative bias, and the delta/quirk rules."""
+import pytest
 import torch
 
 from ddlp import PINT, Particles

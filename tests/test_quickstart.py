@@ -1,5 +1,6 @@
 """The README's main job, end to end on a tiny budget, and how it splits its budget."""
 import json
+import math
 
 import pytest
 from PIL import Image
@@ -30,19 +31,24 @@ def test_quickstart_spends_its_budget_phase_by_phase(tmp_path):
     for split in ("train", "val", "test"):
         assert (tmp_path / "data" / f"{split}.hdf5").is_file()
     saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
-    assert saved == metrics and saved["budget_split"] == pytest.approx(split_budget(minutes))
+    # compared as JSON: a model this small may leave every particle off, and NaN != NaN
+    assert json.dumps(saved, sort_keys=True) == json.dumps(metrics, sort_keys=True)
+    assert saved["budget_split"] == pytest.approx(split_budget(minutes))
     # each phase runs until its share is spent, then finishes its step (or epoch: validation,
     # figures, checkpoint), which on a busy 2-core machine takes up to a few seconds
     late = 5.0
     assert 60 * JOINT_SHARE * minutes <= saved["joint_seconds"] <= 60 * JOINT_SHARE * minutes + late
     assert saved["encode_seconds"] <= 60 * ENCODE_SHARE * minutes + late
     assert 60 * minutes - 1 <= saved["budget_seconds"] <= 60 * minutes + 2 * late
-    assert saved["joint_steps"] > 0 and saved["prior_steps"] > 0 and saved["prior_clips"] > 0
+    assert saved["joint_steps"] > 0 and saved["pint_steps"] > 0 and saved["pint_clips"] > 0
     # the paper's protocol with the baselines, on the held-out episodes
     assert saved["test_episodes"] == 2 and len(saved["med_per_step"]) == 10
-    for key in ("med10", "med10_stand_still", "med10_constant_velocity", "med10_ground_truth_stand_still",
-                "med10_ground_truth_constant_velocity", "psnr", "ssim", "recon_psnr"):
+    for key in ("med10_ground_truth_stand_still", "med10_ground_truth_constant_velocity", "psnr", "ssim", "recon_psnr"):
         assert saved[key] > 0, key
+    # after ~10 joint steps this tiny model may have no particle switched on (MED is then NaN, as
+    # in G-SWM); the model's and the posterior baselines' MED10 are either both NaN or all scores
+    model_scores = [saved[k] for k in ("med10", "med10_stand_still", "med10_constant_velocity")]
+    assert all(v > 0 for v in model_scores) or all(math.isnan(v) for v in model_scores), model_scores
     assert (tmp_path / "run" / "eval" / "balls_test_per_step.png").is_file()
     gif = Image.open(tmp_path / "run" / "prediction.gif")
     # one row per test episode (2 here), ground truth beside prediction in each; 14 frames
@@ -64,7 +70,7 @@ def test_a_diverging_joint_phase_leaves_its_time_to_pint(tmp_path, monkeypatch):
     metrics = run(out_dir=str(tmp_path / "run"), data_dir=str(tmp_path / "data"), minutes=0.15,
                   train_episodes=2, val_episodes=1, test_episodes=1, workers=0, cond=4, horizon=8,
                   gif_episodes=1, progress=False, **TINY)
-    assert "non-finite" in metrics["joint_stopped"] and metrics["prior_steps"] > 0
+    assert "non-finite" in metrics["joint_stopped"] and metrics["pint_steps"] > 0
     assert (tmp_path / "run" / "prediction.gif").is_file()
 
 

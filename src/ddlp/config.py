@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from importlib import resources
 from pathlib import Path
 from typing import Any, Optional
@@ -21,11 +21,119 @@ class ConfigError(ValueError):
     """A configuration value that the model cannot be built with."""
 
 
+class JsonConfig:
+    """A dataclass stored as one flat JSON object. Keys that are not fields are kept in `extra`
+    and written back, so a file read and saved again loses nothing (the official files carry
+    paths and plotting options the model never reads)."""
+
+    extra: dict[str, Any]
+
+    def validate(self):
+        return self
+
+    @classmethod
+    def adapt(cls, known: dict[str, Any], extra: dict[str, Any], raw: dict[str, Any]) -> None:
+        """Hook: rename or infer fields of an older or foreign file in place."""
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], **overrides):
+        d = {**d, **overrides}
+        fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "extra"}
+        known = {k: v for k, v in d.items() if k in fields}
+        extra = {**d.get("extra", {}), **{k: v for k, v in d.items() if k not in fields and k != "extra"}}
+        cls.adapt(known, extra, d)
+        for key, value in known.items():       # JSON has no tuples, Python callers may pass them
+            if str(fields[key].type).startswith("list") and isinstance(value, tuple):
+                known[key] = list(value)
+        return cls(**known, extra=extra).validate()
+
+    @classmethod
+    def from_json(cls, path: str | Path, **overrides):
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file not found: {path}")
+        try:
+            d = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path} is not valid JSON: {e}") from None
+        return cls.from_dict(d, **overrides)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        extra = d.pop("extra")
+        return {**extra, **d}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(self.to_json())
+
+
 _TYPES = {"int": int, "float": (int, float), "bool": bool, "str": str, "dict[str, Any]": dict}
 
 
+# ---------------------------------------------------------------- data options
+# Options of the data loaders, not of the model. They are stored flat in the config file as
+# `data_<field>` keys (kept in `extra`, beside the official keys) and read as `config.data`:
+#
+#     data_format      custom data: auto | frames | videos | npy | hdf5            (default auto)
+#     data_frame_size  side of the square frames the loader produces             (default: the dataset's own)
+#     data_episode_len frames per episode: cuts a single long sequence into episodes, caps longer
+#                      ones, and is the assumed length of videos (CLEVRER: 100, PHYRE: 100, Traffic
+#                      evaluation episodes: 50)
+#     data_split       custom data without train/val/test folders: fractions of episodes, in
+#                      order, for train, val and test                            (default [0.8, 0.1, 0.1])
+#     data_cache       a folder for decoded, resized episodes (uint8 .npy, memory-mapped on reuse)
+#     data_key         the HDF5 dataset / .npz array holding the frames           (default: guessed)
+#     data_start_frame frames skipped at the start of every episode              (CLEVRER videos: 18)
+
+FORMATS = ("auto", "frames", "videos", "npy", "hdf5")
+
+
+@dataclass(frozen=True)
+class DataOptions:
+    """Typed, checked data options (see the comment above)."""
+    format: str = "auto"
+    frame_size: Optional[int] = None
+    episode_len: Optional[int] = None
+    split: tuple[float, float, float] = (0.8, 0.1, 0.1)
+    cache: Optional[str] = None
+    key: Optional[str] = None
+    start_frame: Optional[int] = None
+
+    @classmethod
+    def from_extra(cls, extra: dict[str, Any]) -> "DataOptions":
+        """Options from a config's `extra` dict (keys `data_<field>`), checked with clear messages."""
+        values = {f.name: extra[f"data_{f.name}"] for f in fields(cls) if extra.get(f"data_{f.name}") is not None}
+        for name in ("frame_size", "episode_len"):
+            v = values.get(name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise ValueError(f"data_{name} must be a positive integer, got {v!r}")
+        start = values.get("start_frame")
+        if start is not None and (isinstance(start, bool) or not isinstance(start, int) or start < 0):
+            raise ValueError(f"data_start_frame must be an integer >= 0, got {start!r}")
+        if values.get("format", "auto") not in FORMATS:
+            raise ValueError(f"data_format must be one of {', '.join(FORMATS)}, got {values['format']!r}")
+        if "split" in values:
+            values["split"] = _fractions(values["split"])
+        for name in ("cache", "key"):
+            if name in values:
+                values[name] = str(values[name])
+        return cls(**values)
+
+
+def _fractions(value: Any) -> tuple[float, float, float]:
+    ok = isinstance(value, (list, tuple)) and len(value) == 3 and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0 for v in value)
+    if not ok or not 0 < sum(value) <= 1 + 1e-9:
+        raise ValueError(f"data_split must be three fractions >= 0 for train, val and test with a sum in "
+                         f"(0, 1], e.g. [0.8, 0.1, 0.1]; got {value!r}")
+    return tuple(float(v) for v in value)
+
+
 @dataclass
-class Config:
+class Config(JsonConfig):
     # --- model: which one
     model: str = "ddlp"                    # 'ddlp' (video, PINT) or 'dlp' (single image, DLPv2)
     # --- particles and encoders
@@ -115,6 +223,11 @@ class Config:
     def is_video(self) -> bool:
         return self.model == "ddlp"
 
+    @property
+    def data(self) -> DataOptions:
+        """The data loaders' options (the `data_*` keys), typed and checked."""
+        return DataOptions.from_extra(self.extra)
+
     # ---------------------------------------------------------------- validation
     def check_types(self) -> None:
         for f in dataclasses.fields(self):
@@ -171,37 +284,21 @@ class Config:
              f"pint_dim ({self.pint_dim}) must be divisible by pint_heads ({self.pint_heads})")
         need(self.timestep_horizon >= 1, "timestep_horizon must be >= 1")
         need(0 < self.anchor_s < 1, f"anchor_s must be in (0, 1), got {self.anchor_s}")
+        try:
+            self.data
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         return self
 
     # ---------------------------------------------------------------- I/O
     @classmethod
-    def from_dict(cls, d: dict[str, Any], **overrides) -> "Config":
-        """Build from an official hparams dict (or one of ours). Unknown keys go to `extra`."""
-        d = {**d, **overrides}
-        names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
-        known = {k: v for k, v in d.items() if k in names}
-        extra = {**d.get("extra", {}), **{k: v for k, v in d.items() if k not in names and k != "extra"}}
+    def adapt(cls, known: dict[str, Any], extra: dict[str, Any], raw: dict[str, Any]) -> None:
         if "cdim" in extra:
             known.setdefault("ch", extra.pop("cdim"))
-        if "model" not in d:
+        if "model" not in raw:
             # Official files do not say which trainer they belong to. The single-image trainer's
             # configs are the ones that set use_tracking=False explicitly.
-            known["model"] = "dlp" if d.get("use_tracking") is False else "ddlp"
-        for key in ("enc_channels", "prior_channels", "kp_range", "adam_betas"):
-            if key in known:
-                known[key] = list(known[key])
-        return cls(**known, extra=extra).validate()
-
-    @classmethod
-    def from_json(cls, path: str | Path, **overrides) -> "Config":
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"config file not found: {path}")
-        try:
-            d = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path} is not valid JSON: {e}") from None
-        return cls.from_dict(d, **overrides)
+            known["model"] = "dlp" if raw.get("use_tracking") is False else "ddlp"
 
     @classmethod
     def preset(cls, name: str, **overrides) -> "Config":
@@ -215,14 +312,6 @@ class Config:
         if d.get("root") is None or Path(str(d["root"])).is_absolute():
             d["root"] = f"data/{d.get('ds', name)}"
         return cls.from_dict(d, **overrides)
-
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        extra = d.pop("extra")
-        return {**extra, **d}
-
-    def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2))
 
 
 def parse_overrides(items: Optional[list[str]]) -> dict[str, Any]:

@@ -26,7 +26,7 @@ from . import checkpoint
 from .config import Config
 from .metrics import LPIPS, ground_truth_xy, med_errors, med_summary, particles_to_xy, psnr, ssim
 from .storage import atomic_write
-from .train import batch_frames
+from .data import batch_frames
 from .viz import font
 
 # (conditioning frames, total frames H) of the paper's test tables, per dataset name.

@@ -69,12 +69,15 @@ ReconLoss = Callable[[Tensor, Tensor], Tensor]   # (rec [N,3,h,w], target) -> pe
 
 
 def psnr(rec: Tensor, target: Tensor) -> Tensor:
+    """The training log's PSNR: one MSE pooled over the whole batch, as the official trainer logs
+    it. Evaluation reports `metrics.image.psnr` instead (per image, then averaged, as piqa);
+    the two differ when images differ in error, so each keeps its own published convention."""
     with torch.no_grad():
         return -10 * torch.log10((full_precision(rec) - full_precision(target)).pow(2).mean())
 
 
 @dataclass
-class Priors:
+class ConstantPrior:
     """Constant priors of the burn-in frames (warm-up overrides some)."""
     offset_logvar: float
     scale_mu: float
@@ -84,7 +87,7 @@ class Priors:
     chamfer_logvar: float
 
     @classmethod
-    def from_config(cls, c: Config, warmup: bool = False) -> "Priors":
+    def from_config(cls, c: Config, warmup: bool = False) -> "ConstantPrior":
         if warmup:
             return cls(math.log(0.01), c.mu_scale_prior, math.log(0.01), 0.2, 0.1, math.log(c.sigma ** 2))
         return cls(math.log(c.offset_std ** 2), c.mu_scale_prior, math.log(c.scale_std ** 2),
@@ -118,7 +121,7 @@ def default_recon(config: Config) -> tuple[ReconLoss, int]:
     return pixel_sse, 0
 
 
-def _static_kl_terms(p, kp: Tensor, pr: Priors) -> dict[str, Tensor]:
+def _static_kl_terms(p, kp: Tensor, pr: ConstantPrior) -> dict[str, Tensor]:
     """Per-image sums of every constant-prior KL term, shapes = leading dims of `p`."""
     return dict(
         chamfer=chamfer_kl(p.anchor, kp, pr.chamfer_logvar),
@@ -148,7 +151,7 @@ def dlp_elbo(out: Output, x: Tensor, config: Config, *, warmup: bool = False, no
     loss_rec = _recon(out, x, warmup, recon, False, min_side).mean()
     if warmup:
         loss_rec = loss_rec + 0 * out.rec.mean()   # keeps every parameter in the graph (DDP)
-    t = _static_kl_terms(p, out.proposals, Priors.from_config(c, warmup or noisy))
+    t = _static_kl_terms(p, out.proposals, ConstantPrior.from_config(c, warmup or noisy))
     kl_bg = gaussian_kl(p.bg_mu, p.bg_logvar, 0.0, 0.0).mean()
     kl_kp = 0.5 * kl_balance * t["chamfer"].mean() + t["offset"].mean()
     kl = _combine(kl_kp, t["scale"].mean(), t["obj_on"].mean(), t["features"].mean(), kl_bg,
@@ -193,7 +196,7 @@ def ddlp_elbo(out: Output, x: Tensor, config: Config, *, warmup: bool = False, n
     if T1 != c.timestep_horizon + 1:
         raise ValueError(f"the DDLP loss needs timestep_horizon + 1 = {c.timestep_horizon + 1} "
                          f"frames, got {T1}")
-    if out.prior is None:
+    if out.dynamics is None:
         raise ValueError("the DDLP loss needs the PINT prior: run the model with dynamics=True")
     J = T1 - ns
     disc = torch.ones(J, dtype=x.dtype, device=x.device) if discount is None else \
@@ -206,9 +209,9 @@ def ddlp_elbo(out: Output, x: Tensor, config: Config, *, warmup: bool = False, n
     if warmup:
         loss_rec = loss_rec + 0 * out.rec.mean()
 
-    p, q = out.posterior, out.prior
+    p, q = out.posterior, out.dynamics
     burn = p[:, :ns]
-    t = _static_kl_terms(burn, out.proposals[:, :ns], Priors.from_config(c, warmup or noisy))
+    t = _static_kl_terms(burn, out.proposals[:, :ns], ConstantPrior.from_config(c, warmup or noisy))
     per_clip = {k: v.sum(1).mean() for k, v in t.items()}                  # sum over frames, mean over clips
     # Official quirk: the burn-in background KL sums over frames and *averages* over features.
     kl_bg = gaussian_kl(burn.bg_mu, burn.bg_logvar, 0.0, 0.0, dim=1).mean()
@@ -218,7 +221,7 @@ def ddlp_elbo(out: Output, x: Tensor, config: Config, *, warmup: bool = False, n
 
     kl_dyn = dynamics_kl(p, q, ns, disc)
 
-    loss = objective_scale(c) * (beta_rec * loss_rec + beta_kl * kl + beta_dyn * kl_dyn) / T1
+    loss = objective_scale(c) * (beta_rec * loss_rec + beta_kl * kl) / T1 + dynamics_weight(c, beta_dyn) * kl_dyn
     return _logs(loss, out, x, warmup, config, kl=kl, loss_rec=loss_rec, kl_kp=kl_kp,
                  kl_feat=per_clip["features"] + kl_bg, kl_on=per_clip["obj_on"],
                  kl_scale=per_clip["scale"], kl_depth=per_clip["depth"], kl_dyn=kl_dyn)
@@ -228,6 +231,13 @@ def objective_scale(config: Config) -> float:
     """Factor on the whole objective: the official trainer multiplies it by 1e-3 with the VGG
     perceptual loss (whose values are ~1e3x the MSE sums), by 1 otherwise."""
     return 1e-3 if config.recon_loss_type == "vgg" else 1.0
+
+
+def dynamics_weight(config: Config, beta_dyn: Optional[float] = None) -> float:
+    """Factor of the dynamics KL in the video ELBO (objective scale x beta_dyn / (T + 1)): the
+    only term through which PINT learns, in joint training and in `ddlp tune-pint` alike."""
+    beta_dyn = config.beta_dyn if beta_dyn is None else beta_dyn
+    return objective_scale(config) * beta_dyn / (config.timestep_horizon + 1)
 
 
 def _logs(loss, out, x, warmup, config, *, kl, loss_rec, kl_kp, kl_feat, kl_on, kl_scale,

@@ -1,8 +1,8 @@
 """DLP (DLPv2, single images) and DDLP (videos: tracking posterior + PINT prior).
 
-    frames -> patch prior proposals -> posterior particles (tracked over time)
+    frames -> keypoint proposals (one per patch) -> posterior particles (tracked over time)
            -> glimpse decoder + depth/alpha stitching + background -> reconstruction
-           -> PINT over particles[0..T-1] -> prior of particles[1..T]
+           -> PINT over particles[0..T-1] -> dynamics prior of particles[1..T]
 """
 from __future__ import annotations
 
@@ -20,7 +20,10 @@ from .encoder import (AppearanceEncoder, AttributeEncoder, FrameEncoding, add_fe
 from .nn.blocks import init_conv_weights
 from .particles import Particles
 from .pint import PINT
-from .prior import ParticleMixer, PatchPrior
+from .proposals import ParticleMixer, KeypointProposer
+
+# Images decoded at once where applications turn long rollouts into video: bounds their memory.
+DECODE_CHUNK = 100
 
 
 @dataclass
@@ -28,12 +31,12 @@ class Output:
     """Everything a forward pass produces. Leading dims: [B] (DLP) or [B, T] (DDLP)."""
     rec: Tensor                    # [..., 3, H, W] reconstruction
     posterior: Particles           # posterior particles, background included
-    proposals: Tensor              # [..., L, 2] prior proposals (detached: Chamfer targets)
+    proposals: Tensor              # [..., L, 2] keypoint proposals (detached: Chamfer targets)
     foreground: Foreground         # stitched particles, masks, decoded RGBA glimpses
     bg: Tensor                     # [..., 3, H, W] decoded background
     glimpses: Tensor               # [..., K, 3, g, g] appearance glimpses (warm-up targets)
     bg_encoder_mask: Tensor        # [..., 1, H, W]
-    prior: Optional[Particles] = None   # DDLP: PINT prior of frames 1..T, [B, T, ...]
+    dynamics: Optional[Particles] = None   # DDLP: PINT's prior of frames 1..T, [B, T, ...]
 
 
 def _flat(t: Tensor, n: int) -> Tensor:
@@ -42,14 +45,15 @@ def _flat(t: Tensor, n: int) -> Tensor:
 
 
 class ParticleModel(nn.Module):
-    """Parts shared by DLP and DDLP: prior, glimpse encoders, decoders, background."""
+    """Parts shared by DLP and DDLP: keypoint proposer, glimpse encoders, decoders, background."""
 
     def __init__(self, config: Config):
         super().__init__()
         c = self.config = config.validate()
         g, H = c.glimpse_size, c.image_size
         replicate = c.pad_mode != "zeros"
-        self.prior = PatchPrior(H, c.patch_size, c.prior_channels, c.n_kp_prior,
+        # named `prior` as in the official state dict (fg_module.prior.*), so checkpoints map 1:1
+        self.prior = KeypointProposer(H, c.patch_size, c.prior_channels, c.n_kp_prior,
                                 c.filtering_heuristic, replicate)
         self.mixer = (ParticleMixer(self.prior.n_patches, c.n_kp_enc, H, g, c.prior_channels)
                       if c.filtering_heuristic == "none" else None)
@@ -75,10 +79,10 @@ class ParticleModel(nn.Module):
         if not x.is_floating_point():
             raise ValueError(f"expected float images in [0, 1], got dtype {x.dtype}")
 
-    def propose(self, x: Tensor, train_prior: bool = True, heuristic: Optional[str] = None) -> Tensor:
-        """Anchor initialisation [B, L, 2] (graph kept when train_prior)."""
+    def propose(self, x: Tensor, train_proposer: bool = True, heuristic: Optional[str] = None) -> Tensor:
+        """Anchor initialisation [B, L, 2] (graph kept when train_proposer)."""
         kp, _, _ = self.prior(x, heuristic)
-        if not train_prior:
+        if not train_proposer:
             kp = 0 * kp + kp.detach()
         return kp
 
@@ -127,8 +131,14 @@ class ParticleModel(nn.Module):
         bg = self.decode_background(posterior.bg_features)
         return Output(fg.bg_mask * bg + fg.image, posterior, proposals, fg, bg, glimpses, mask)
 
-    def decode(self, p: Particles) -> Tensor:
-        """Frames from particles (background features required): [..., 3, H, W]."""
+    def decode(self, p: Particles, max_images: Optional[int] = None) -> Tensor:
+        """Frames from particles (background features required): [..., 3, H, W]. For particles
+        [B, T, K, ...], `max_images` bounds memory by decoding that many images at a time."""
+        if max_images is not None and len(p.batch_shape) == 2:
+            B, T = p.batch_shape
+            chunk = max(1, max_images // B)
+            if chunk < T:
+                return torch.cat([self.decode(p[:, s:s + chunk]) for s in range(0, T, chunk)], 1)
         fg = self.decode_foreground(p)
         return fg.bg_mask * self.decode_background(p.bg_features) + fg.image
 
@@ -159,7 +169,7 @@ class ParticleModel(nn.Module):
         return push_to_hub(self, repo_id, **kwargs)
 
     def track(self, x: Tensor, *, deterministic: bool = False, warmup: bool = False,
-              noisy: bool = False, train_prior: bool = True,
+              noisy: bool = False, train_proposer: bool = True,
               proposal_frames: Optional[int] = None) -> tuple[Particles, Tensor, Tensor]:
         """Tracking posterior of frames [B, T, 3, H, W] (no background).
 
@@ -172,10 +182,10 @@ class ParticleModel(nn.Module):
         B, T = x.shape[:2]
         if self.config.no_tracking:
             return self._encode_frames_independently(x, deterministic=deterministic, warmup=warmup,
-                                                     noisy=noisy, train_prior=train_prior)
+                                                     noisy=noisy, train_proposer=train_proposer)
         ns = min(proposal_frames or self.config.num_static_frames, T)
         heuristic = "random" if (warmup or noisy) and proposal_frames else None
-        kp = self.propose(_flat(x[:, :ns], 2), train_prior, heuristic).view(B, ns, -1, 2)
+        kp = self.propose(_flat(x[:, :ns], 2), train_proposer, heuristic).view(B, ns, -1, 2)
         # Tracking needs each frame's positions and glimpses before the next frame; the
         # appearance features do not, so their CNN runs once over all frames afterwards.
         flags = dict(deterministic=deterministic, warmup=warmup, noisy=noisy, describe=False)
@@ -195,9 +205,9 @@ class ParticleModel(nn.Module):
         """The "no tracking" ablation: each frame gets its own proposals and DLP encoding, so a
         particle index does not follow an object from frame to frame. All frames in one batch."""
         B, T = x.shape[:2]
-        train_prior = flags.pop("train_prior")
+        train_proposer = flags.pop("train_proposer")
         frames = _flat(x, 2)
-        kp = self.propose(frames, train_prior)
+        kp = self.propose(frames, train_proposer)
         anchors = kp if self.mixer is None else self.mixer(frames, kp)
         enc = self._encode(frames, anchors, **flags)
         view = lambda t: t.view(B, T, *t.shape[1:])  # noqa: E731
@@ -211,22 +221,22 @@ class DLP(ParticleModel):
         return self(images, deterministic=deterministic).posterior
 
     def forward(self, x: Tensor, deterministic: bool = False, warmup: bool = False,
-                noisy: bool = False, train_prior: bool = True) -> Output:
+                noisy: bool = False, train_proposer: bool = True) -> Output:
         if self.config.use_tracking and x.ndim == 5:
-            return self._forward_tracked(x, deterministic, warmup, noisy, train_prior)
+            return self._forward_tracked(x, deterministic, warmup, noisy, train_proposer)
         self.check_input(x, video=False)
-        kp = self.propose(x, train_prior)
+        kp = self.propose(x, train_proposer)
         anchors = kp if self.mixer is None else self.mixer(x, kp)
         enc = self._encode(x, anchors, deterministic=deterministic, warmup=warmup, noisy=noisy)
         return self.reconstruct(x, enc.particles, kp.detach(), enc.glimpses,
                                 deterministic=deterministic, noisy=noisy)
 
-    def _forward_tracked(self, x, deterministic, warmup, noisy, train_prior) -> Output:
+    def _forward_tracked(self, x, deterministic, warmup, noisy, train_proposer) -> Output:
         """use_tracking: particles tracked over a clip, proposals (and the Chamfer-KL) on every
         frame; the loss still treats frames as independent images."""
         self.check_input(x, video=True)
         p, kp, glimpses = self.track(x, deterministic=deterministic, warmup=warmup, noisy=noisy,
-                                     train_prior=train_prior, proposal_frames=x.shape[1])
+                                     train_proposer=train_proposer, proposal_frames=x.shape[1])
         return self.reconstruct(x, p, kp, glimpses, deterministic=deterministic, noisy=noisy)
 
 
@@ -252,13 +262,13 @@ class DDLP(ParticleModel):
         return self.attach_background(frames, p, deterministic)[0]
 
     def forward(self, x: Tensor, deterministic: bool = False, warmup: bool = False,
-                noisy: bool = False, train_prior: bool = True, dynamics: bool = True) -> Output:
+                noisy: bool = False, train_proposer: bool = True, dynamics: bool = True) -> Output:
         self.check_input(x, video=True)
         p, kp, glimpses = self.track(x, deterministic=deterministic, warmup=warmup, noisy=noisy,
-                                     train_prior=train_prior)
+                                     train_proposer=train_proposer)
         out = self.reconstruct(x, p, kp, glimpses, deterministic=deterministic, noisy=noisy)
         if dynamics:   # teacher-forced: PINT sees the posterior of frames 0..T-1
-            out.prior = self.pint(out.posterior[:, :-1])
+            out.dynamics = self.pint(out.posterior[:, :-1])
         return out
 
     @torch.no_grad()
@@ -273,17 +283,10 @@ class DDLP(ParticleModel):
         history = self.predict(self.encode(frames[:, :cond], deterministic=deterministic), steps, deterministic)
         return self.decode(history), history
 
-    @torch.no_grad()
     def predict(self, history: Particles, steps: int, deterministic: bool = True) -> Particles:
         """Extend particles [B, T, K, ...] by `steps` PINT steps: [B, T + steps, K, ...] (values
-        only). Each step sees the last timestep_horizon frames."""
-        out = [history.values()]
-        window = out[0][:, -self.pint.max_frames:]
-        for _ in range(steps):
-            nxt = self.pint.step(window, deterministic).values().map(lambda t: t.unsqueeze(1))
-            out.append(nxt)
-            window = Particles.cat([window, nxt])[:, -self.pint.max_frames:]
-        return Particles.cat(out)
+        only); see `PINT.rollout`."""
+        return self.pint.rollout(history, steps, deterministic)
 
 
 

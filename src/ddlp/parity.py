@@ -144,8 +144,8 @@ def _outputs(out: Output) -> dict[str, Callable[[], Tensor]]:
         mu_scale=lambda: p.scale_mu, logvar_scale=lambda: p.scale_logvar, z_scale=lambda: p.scale,
         alpha_masks=lambda: fg.alpha_masks, cropped_objects=lambda: out.glimpses,
         bg_mask=lambda: out.bg_encoder_mask, z_offset=lambda: p.offset_mu)
-    if out.prior is not None:
-        q = out.prior
+    if out.dynamics is not None:
+        q = out.dynamics
         names.update(
             mu_dyn=lambda: q.position_mu, logvar_dyn=lambda: q.position_logvar,
             mu_features_dyn=lambda: q.features_mu, logvar_features_dyn=lambda: q.features_logvar,
@@ -196,7 +196,7 @@ def run_fixture(path: str, atol: float = 1e-4, rtol_loss: float = 1e-4, atol_los
 
     with torch.no_grad():
         kwargs = dict(deterministic=fwd.get("deterministic", False), warmup=fwd.get("warmup", False),
-                      noisy=fwd.get("noisy", False), train_prior=fwd.get("train_enc_prior", True))
+                      noisy=fwd.get("noisy", False), train_proposer=fwd.get("train_enc_prior", True))
         if video:
             kwargs["dynamics"] = fwd.get("forward_dyn", True)
         out = model(x, **kwargs)

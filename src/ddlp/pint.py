@@ -8,7 +8,7 @@ relative bias per layer and head, split into a time table (offset tk - tq) and a
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -212,7 +212,7 @@ class PINT(nn.Module):
         """Turn trunk outputs into distributions; with predict_delta means are offsets from `p`.
         `position_only_trunk` leaves the outputs as they are but lets only the position heads send
         gradient into the shared layers (the other heads still learn): a training option, see
-        ddlp.prior_tuning."""
+        ddlp.pint_tuning."""
         r = self.readout
         h = full_precision(r.backbone(h))   # distributions in float32 under autocast (Beta, KL, sampling)
         fg, bg = h[..., :-1, :], h[..., -1, :]
@@ -264,3 +264,23 @@ class PINT(nn.Module):
         on = torch.distributions.Beta(prior.transparency_a, prior.transparency_b).sample()
         return prior.replace(position=position, depth=depth, scale=scale, features=features,
                              bg_features=bg, transparency=on)
+
+    @torch.no_grad()
+    def rollout(self, history: Particles, steps: int, deterministic: bool = True,
+                edit: Optional[Callable[[int, Particles], Particles]] = None,
+                progress: bool = False) -> Particles:
+        """Extend particles [B, T, K, ...] by `steps` PINT steps: [B, T + steps, K, ...] (values
+        only). Each step sees the last `max_frames` frames. `edit(t, p)`, if given, may change
+        each new frame t (p: [B, 1, K, ...]) before the next step sees it."""
+        from tqdm import tqdm
+        T0 = history.batch_shape[1]
+        out = [history.values()]
+        window = out[0][:, -self.max_frames:]
+        for t in tqdm(range(T0, T0 + steps), desc="rollout", disable=not progress, leave=False):
+            nxt = self.step(window, deterministic).values().map(lambda v: v.unsqueeze(1))
+            if edit is not None:
+                nxt = edit(t, nxt)
+            out.append(nxt)
+            # a bounded window keeps every step's cost the same, however long the rollout
+            window = Particles.cat([window, nxt])[:, -self.max_frames:]
+        return Particles.cat(out)

@@ -6,7 +6,7 @@ The budget (setup and evaluation excluded) is split in three phases (docs/traini
 
     joint   the whole model, the official ELBO and schedule            JOINT_SHARE of the budget
     encode  posteriors of training clips, with the best encoder        at most ENCODE_SHARE
-    PINT    PINT alone on those cached posteriors (ddlp.prior_tuning)   the rest
+    PINT    PINT alone on those cached posteriors (ddlp.pint_tuning)   the rest
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from .storage import atomic_write, save_pretrained, write_model_card
 from .config import Config
 from .evaluate import PAPER_PROTOCOLS
 from .model import DDLP, ParticleModel
-from .prior_tuning import encode_posteriors, tune_prior
+from .pint_tuning import encode_posteriors, tune_pint
 
 JOINT_SHARE = 0.4           # joint training: the encoder leaves the colour plateau by ~1400 steps
 ENCODE_SHARE = 0.05         # caching posteriors (~300 frames/s on a 2-core CPU)
@@ -46,16 +46,16 @@ def ensure_balls(data_dir: Path, train: int, val: int, test: int) -> Path:
 
 def run(out_dir: str = "runs/quickstart", data_dir: str = "data/balls", minutes: float = 15.0,
         train_episodes: int = 300, val_episodes: int = 16, test_episodes: int = 128, seed: int = 0,
-        workers: int = 1, max_steps: int | None = None, prior_steps: int | None = None,
+        workers: int = 1, max_steps: int | None = None, pint_steps: int | None = None,
         position_only_trunk: bool = True, gif_episodes: int = 4, grad_clip: float | None = 1000.0,
         cond: int = PAPER_PROTOCOLS["balls"][0], horizon: int = PAPER_PROTOCOLS["balls"][1],
         progress: bool = True, **overrides) -> dict:
     """Everything the README's main command does. `overrides` change the balls_small config;
-    `max_steps` / `prior_steps` cap the joint / PINT phases in steps as well as in time.
+    `max_steps` / `pint_steps` cap the joint / PINT phases in steps as well as in time.
 
     Gradients are clipped at `grad_clip` (2-4x their typical norm of 200-550 here): with batches
     of 2 at lr 2e-3 a rare spike can otherwise send the transparency head off.
-    `position_only_trunk`: see ddlp.prior_tuning.tune_prior."""
+    `position_only_trunk`: see ddlp.pint_tuning.tune_pint."""
     from .data.balls import BallsDataset
     from .train import Trainer, TrainingError, TrainOptions
 
@@ -92,7 +92,7 @@ def run(out_dir: str = "runs/quickstart", data_dir: str = "data/balls", minutes:
                               progress=progress)
     encode_seconds = time.time() - start
     pint_minutes = minutes - (time.time() - t0 - setup) / 60
-    prior = tune_prior(model, cache, steps=prior_steps, max_minutes=max(pint_minutes, 0.0), reset=True,
+    prior = tune_pint(model, cache, steps=pint_steps, max_minutes=max(pint_minutes, 0.0), reset=True,
                        position_only_trunk=position_only_trunk, seed=seed, progress=progress)
     save_pretrained(model, out / "best")
     budget_used = time.time() - t0 - setup

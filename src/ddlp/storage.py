@@ -6,7 +6,6 @@ Below the model in the layering: it knows configs and state dicts, not model cla
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 import tempfile
@@ -54,7 +53,7 @@ def save_pretrained(model: torch.nn.Module, directory: str | Path, metrics: Opti
     directory = Path(directory)
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     atomic_write(directory / WEIGHTS, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
-    atomic_write(directory / CONFIG, lambda p: Path(p).write_text(json.dumps(model.config.to_dict(), indent=2)))
+    atomic_write(directory / CONFIG, lambda p: Path(p).write_text(model.config.to_json()))
     if isinstance(model.config, Config):
         write_model_card(directory, model.config, sum(t.numel() for t in tensors.values()), metrics, source)
 

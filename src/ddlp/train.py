@@ -30,10 +30,11 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .checkpoint import checkpoint_path, latest_checkpoint, load_state, rng_state, set_rng_state, write_checkpoint
 from .config import Config
+from .data import batch_frames
 from .losses import elbo
 from .model import ParticleModel, build_model
 from .nn.precision import resolve_precision
-from .storage import save_pretrained
+from .storage import atomic_write, save_pretrained
 
 
 class TrainingError(RuntimeError):
@@ -85,13 +86,6 @@ class EpochSampler(Sampler[int]):
         return (self.batches_per_epoch() - self.skip_batches) * self.batch_size
 
 
-def batch_frames(batch) -> Tensor:
-    """The frames of a DataLoader batch: a dict's "frames", a tuple's first item, or the tensor."""
-    if isinstance(batch, dict):
-        return batch["frames"]
-    return batch[0] if isinstance(batch, (list, tuple)) else batch
-
-
 # ------------------------------------------------------------------------------ the objective
 class Objective(nn.Module):
     """Model + ELBO in one module, so DDP wraps exactly what is differentiated."""
@@ -109,7 +103,7 @@ class Objective(nn.Module):
         if not c.is_video and x.ndim == 5 and not c.use_tracking:
             x = x.flatten(0, 1)                 # a single-image model sees every frame of a clip
         # train_enc_prior false: the proposals reach the encoder detached, as the official trainer does
-        out = self.model(x, warmup=warmup, noisy=noisy, train_prior=c.train_enc_prior)
+        out = self.model(x, warmup=warmup, noisy=noisy, train_proposer=c.train_enc_prior)
         kwargs = dict(warmup=warmup, noisy=noisy, recon=self.recon)
         if c.is_video:
             kwargs["discount"] = discount
@@ -312,7 +306,7 @@ class Trainer:
     def train(self) -> dict:
         c, acc = self.config, self.acc
         if acc.is_main_process:
-            c.save(self.run_dir / "config.json")
+            atomic_write(self.run_dir / "config.json", lambda p: Path(p).write_text(c.to_json()))
             print(f"precision: {'fp32' if self.precision == 'no' else self.precision} ({self.precision_reason})")
             self.log(dict(step=self.global_step, precision=self.precision, precision_reason=self.precision_reason))
         start = time.time()

@@ -26,6 +26,7 @@ import torch
 from PIL import Image, ImageDraw
 from torch import Tensor
 
+from .model import DECODE_CHUNK
 from .particles import Particles
 from .viz import FAINT, font
 
@@ -324,23 +325,17 @@ def rollout_particles(model, history: Particles, horizon: int, edits: Sequence[E
                       default_frames: tuple[int, int] = (0, BURN_IN), progress: bool = False) -> Particles:
     """Extend particles [B, T, K, ...] by `horizon` deterministic PINT steps; edits whose range
     reaches a predicted frame are re-applied to it right after it is predicted."""
-    from tqdm import tqdm
     T0 = history.position.shape[1]
     late = [e for e in edits if (frame_span(e, default_frames)[1] or math.inf) > T0]
+    edit = (lambda t, p: apply_edits(p, late, default_frames, offset=t)) if late else None
     with _eval_mode(model):
-        for t in tqdm(range(T0, T0 + horizon), desc="rollout", disable=not progress, leave=False):
-            nxt = model.pint.step(history, deterministic=True).values()
-            nxt = nxt.map(lambda x: x.unsqueeze(1))
-            if late:
-                nxt = apply_edits(nxt, late, default_frames, offset=t)
-            history = Particles.cat([history, nxt])
-    return history
+        return model.pint.rollout(history, horizon, deterministic=True, edit=edit, progress=progress)
 
 
 def decode(model, p: Particles) -> Tensor:
     """Frames [B, T, 3, H, W] in [0, 1] from particles [B, T, K, ...]."""
     with _eval_mode(model):
-        return model.decode(p).clamp(0, 1)
+        return model.decode(p, max_images=DECODE_CHUNK).clamp(0, 1)
 
 
 @dataclass

@@ -1,1 +1,1 @@
-"""Subcommands of the `ddlp` command line, one module each (see ddlp.cli.PLUGIN_COMMANDS)."""
+"""Sub-commands of the `ddlp` command line, one module each, found by ddlp.cli.command_modules."""

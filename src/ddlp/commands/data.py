@@ -16,7 +16,7 @@ def cmd_inspect(args) -> int:
 
     from ..config import PRESETS, Config, parse_overrides
     from ..data import inspect as ins
-    from ..data.options import DataOptions
+    from ..config import DataOptions
     path = Path(args.path).expanduser()
     overrides = parse_overrides(args.set)
     if args.dataset:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from ..config import Config
 from .clipset import ClipDataset, standard_items
-from .options import DataOptions
+from ..config import DataOptions
 from .sources import SPLITS, VideoFiles, canonical_split, with_cache
 from .trees import ClevrerFrames
 
@@ -50,7 +50,7 @@ class Clevrer:
             raise FileNotFoundError(f"CLEVRER folder not found: {root} (pass --data.root DIR)")
         if root.is_dir() and has_frame_tree(root):
             return ClevrerFrames.build(config, root, split)
-        opts = DataOptions.from_extra(config.extra)
+        opts = config.data
         videos = find_videos(root) if root.is_dir() else {}
         if not videos:
             raise FileNotFoundError(

@@ -27,7 +27,7 @@ import numpy as np
 from ..config import Config
 from .clips import ARRAY_SUFFIXES, IMAGE_SUFFIXES, ClipError
 from .clipset import ClipDataset, standard_items
-from .options import DataOptions
+from ..config import DataOptions
 from .sources import (
     SPLITS,
     ArrayFrames,
@@ -233,7 +233,7 @@ class Custom:
     @classmethod
     def build(cls, config: Config, root: Path, split: str) -> ClipDataset:
         split = canonical_split(split)
-        opts = DataOptions.from_extra(config.extra)
+        opts = config.data
         source, what = custom_source(root, split, opts, opts.frame_size or config.image_size)
         source = with_cache(source, opts.cache)
         return ClipDataset(source, standard_items(source, config, split), image=not config.is_video,

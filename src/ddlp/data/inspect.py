@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from .custom import cut_episodes, open_collection, split_counts, split_entries
-from .options import DataOptions
+from ..config import DataOptions
 from .sources import EpisodeSource
 
 

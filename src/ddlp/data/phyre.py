@@ -26,7 +26,7 @@ from PIL import Image
 from ..config import Config
 from .clips import ClipError
 from .clipset import Items, _table
-from .options import DataOptions
+from ..config import DataOptions
 from .sources import EpisodeSource, list_frames
 from .trees import FrameTree
 

@@ -24,7 +24,7 @@ from torch import Tensor
 
 from .clips import IMAGE_SUFFIXES, ClipError, resize
 from .custom import open_collection, split_entries
-from .options import DataOptions
+from ..config import DataOptions
 from .sources import canonical_split, decode_video, is_video, read_image
 
 

@@ -8,7 +8,7 @@ Every builder gets the split ('train', 'val'/'valid', 'test') and the data root:
 when given, else the config's `root` (presets use `data/<ds>`). DDLP (video) configs get clips of
 timestep_horizon + 1 frames for training and whole episodes for evaluation; DLP (image) configs
 get single frames [3, H, W] in every split. Options that are not model hyper-parameters
-(`data_episode_len`, `data_split`, `data_cache`, ...) are read from `config.extra`; see options.py.
+(`data_episode_len`, `data_split`, `data_cache`, ...) are read as `config.data` (config.DataOptions).
 """
 from __future__ import annotations
 

@@ -16,7 +16,7 @@ import numpy as np
 from ..config import Config
 from .clips import ClipError
 from .clipset import ClipDataset, Items, _table
-from .options import DataOptions
+from ..config import DataOptions
 from .sources import ArrayFrames, canonical_split
 
 FILE_NAME = "img128np.npy"
@@ -76,7 +76,7 @@ class Traffic:
     @classmethod
     def build(cls, config: Config, root: Path, split: str) -> ClipDataset:
         split = canonical_split(split)
-        opts = DataOptions.from_extra(config.extra)
+        opts = config.data
         path = find_array(root)
         total = len(open_frames(path))
         first, count = split_block(total, split)

@@ -11,7 +11,7 @@ from typing import Optional
 from ..config import Config
 from .clips import ClipError
 from .clipset import ClipDataset, Items, standard_items
-from .options import DataOptions
+from ..config import DataOptions
 from .sources import SPLITS, EpisodeSource, FrameFolders, canonical_split, list_frames, with_cache
 
 
@@ -68,7 +68,7 @@ class FrameTree:
     @classmethod
     def build(cls, config: Config, root: Path, split: str) -> ClipDataset:
         split = canonical_split(split)
-        opts = DataOptions.from_extra(config.extra)
+        opts = config.data
         source = cls.source(config, root, split, opts)
         return ClipDataset(source, cls.items(source, config, split, opts), image=not config.is_video,
                            invert=cls.invert, split=split, description=f"{cls.title} {split} ({root})")

@@ -7,9 +7,9 @@ particles of a frozen DDLP (paper section 5.4 and appendix B, as the official co
 """
 from .latents import LatentNormalizer, LatentStats
 from .model import DiffuseDDLP, DiffusionConfig, load_ddlp
-from .sampler import ddim_sample, ddpm_sample, generate, unroll
+from .sampler import ddim_sample, ddpm_sample, generate
 from .schedule import NoiseSchedule
 from .tokens import TokenLayout, from_tokens, to_tokens
 
 __all__ = ["DiffuseDDLP", "DiffusionConfig", "LatentNormalizer", "LatentStats", "NoiseSchedule", "TokenLayout",
-           "ddim_sample", "ddpm_sample", "from_tokens", "generate", "load_ddlp", "to_tokens", "unroll"]
+           "ddim_sample", "ddpm_sample", "from_tokens", "generate", "load_ddlp", "to_tokens"]

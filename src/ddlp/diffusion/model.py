@@ -6,7 +6,6 @@ own given the DDLP it was trained for (checked by the DDLP's weights fingerprint
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +14,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor, nn
 
+from ..config import JsonConfig
 from .denoiser import ParticleDenoiser
 from .latents import NORM_MODES, LatentNormalizer, LatentStats
 from .schedule import SCHEDULES, NoiseSchedule
@@ -25,7 +25,7 @@ OBJECTIVES = ("pred_x0", "pred_noise")
 
 
 @dataclass
-class DiffusionConfig:
+class DiffusionConfig(JsonConfig):
     """Names follow the official `configs/diffuse_ddlp.json` where one exists."""
     n_kp_enc: int = 6                  # K, from the DDLP
     learned_feature_dim: int = 3       # m, from the DDLP
@@ -86,30 +86,6 @@ class DiffusionConfig:
                     bg_learned_feature_dim=c.bg_features_dim, pint_dim=c.pint_dim,
                     pint_heads=c.pint_heads, pint_layers=c.pint_layers, ds=c.ds)
         return cls.from_dict({**base, **overrides})
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "DiffusionConfig":
-        names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
-        known = {k: v for k, v in d.items() if k in names}
-        extra = {**d.get("extra", {}), **{k: v for k, v in d.items() if k not in names and k != "extra"}}
-        if "adam_betas" in known:
-            known["adam_betas"] = list(known["adam_betas"])
-        return cls(**known, extra=extra).validate()
-
-    @classmethod
-    def from_json(cls, path: str | Path) -> "DiffusionConfig":
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"config file not found: {path}")
-        try:
-            return cls.from_dict(json.loads(path.read_text()))
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path} is not valid JSON: {e}") from None
-
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        extra = d.pop("extra")
-        return {**extra, **d}
 
 
 class DiffuseDDLP(nn.Module):

@@ -17,6 +17,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
+from ..model import DECODE_CHUNK
 from ..particles import Particles
 from .denoiser import SamplingPlan
 from .model import DiffuseDDLP
@@ -154,32 +155,6 @@ def check_compatible(model: DiffuseDDLP, ddlp, fingerprint: Optional[Callable[[]
 
 
 @torch.inference_mode()
-def unroll(pint, history: Particles, frames: int) -> Particles:
-    """Extend particles [B, tau, K, ...] to `frames` frames with deterministic PINT steps, each
-    seeing at most the PINT's context (timestep_horizon) of most recent frames. PINT.step reuses
-    its attention masks and runs the last block for the newest frame only."""
-    tau = history.batch_shape[1]
-    window = history.values()
-    out = [window]
-    for _ in range(frames - tau):
-        nxt = pint.step(window, deterministic=True).values().map(lambda t: t.unsqueeze(1))
-        out.append(nxt)
-        window = Particles.cat([window, nxt])[:, -pint.max_frames:]
-    return Particles.cat(out)
-
-
-@torch.inference_mode()
-def decode(ddlp, particles: Particles, max_images: int = 100) -> Tensor:
-    """Frames [B, T, 3, H, W] (the decoder's output, in [0, 1] up to rounding), decoded
-    `max_images` images at a time to bound memory."""
-    B, T = particles.batch_shape
-    chunk = max(1, max_images // B)
-    if chunk >= T:
-        return ddlp.decode(particles)
-    return torch.cat([ddlp.decode(particles[:, s:s + chunk]) for s in range(0, T, chunk)], 1)
-
-
-@torch.inference_mode()
 def generate(model: DiffuseDDLP, ddlp, n: int, frames: int = 100, sampler: str = "ddpm",
              steps: Optional[int] = None, eta: float = 0.0, generator: Optional[torch.Generator] = None,
              progress: bool = False) -> tuple[Tensor, Particles, Timings]:
@@ -197,9 +172,9 @@ def generate(model: DiffuseDDLP, ddlp, n: int, frames: int = 100, sampler: str =
     tokens = sample_tokens(model, n, sampler, steps, eta, generator, progress)
     particles = from_tokens(model.normalizer.unnormalize(tokens), model.layout)
     t1 = time.perf_counter()
-    particles = unroll(ddlp.pint, particles, frames)
+    particles = ddlp.pint.rollout(particles, frames - tau)
     t2 = time.perf_counter()
-    video = decode(ddlp, particles)
+    video = ddlp.decode(particles, max_images=DECODE_CHUNK)
     t3 = time.perf_counter()
     timings.sampling, timings.unroll, timings.decoding = t1 - t0, t2 - t1, t3 - t2
     return video, particles, timings

@@ -176,13 +176,16 @@ class DiffusionTrainer:
             return None
         try:
             from ..viz import grid, save_figure, to_pil
-            from .sampler import decode, sample_tokens
+            from ..model import DECODE_CHUNK
+            from .sampler import sample_tokens
             from .tokens import from_tokens
             model = self.ema_model.eval()
             g = torch.Generator(device=model.schedule.betas.device).manual_seed(self.config.seed)
             steps = min(self.opt.preview_ddim_steps, model.schedule.steps)
             tokens = sample_tokens(model, self.opt.preview_samples, "ddim", steps, generator=g)
-            frames = decode(self.ddlp, from_tokens(model.normalizer.unnormalize(tokens), model.layout))
+            particles = from_tokens(model.normalizer.unnormalize(tokens), model.layout)
+            with torch.no_grad():
+                frames = self.ddlp.decode(particles, max_images=DECODE_CHUNK)
             zoom = max(1, 128 // frames.shape[-1])
             rows = [[to_pil(f, zoom) for f in video] for video in frames]
             return save_figure(grid(rows), self.run_dir / "figures" / f"sample-{self.step:08d}.png")
@@ -194,7 +197,7 @@ class DiffusionTrainer:
     def train(self) -> dict:
         c, o = self.config, self.opt
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write(self.run_dir / "config.json", lambda p: Path(p).write_text(json.dumps(c.to_dict(), indent=2)))
+        atomic_write(self.run_dir / "config.json", lambda p: Path(p).write_text(c.to_json()))
         total = o.max_steps if o.max_steps is not None else c.train_num_steps
         start, recent = time.time(), []
         bar = None

@@ -44,7 +44,7 @@ def folder_clips(folder: str | Path, image_size: int, episodes_per_file: int = 8
     `episodes_per_file` episodes of each .npy/.npz/.h5/.hdf5 file (named "file #e")."""
     from ..data.clips import ARRAY_SUFFIXES, IMAGE_SUFFIXES, VIDEO_SUFFIXES
     from ..data.custom import HDF5_SUFFIXES, open_collection
-    from ..data.options import DataOptions
+    from ..config import DataOptions
     from ..data.reader import read_clip
     folder = Path(folder).expanduser()
     if not folder.is_dir():

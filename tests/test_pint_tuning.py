@@ -8,7 +8,7 @@ from test_train import Clips, tiny_config
 from ddlp.losses import dynamics_kl
 from ddlp.model import build_model
 from ddlp.pint import RelativeBias
-from ddlp.prior_tuning import PosteriorCache, encode_posteriors, resample, start_from_stand_still, tune_prior
+from ddlp.pint_tuning import PosteriorCache, encode_posteriors, resample, start_from_stand_still, tune_pint
 
 
 @pytest.fixture(scope="module")
@@ -102,24 +102,24 @@ def test_tune_prior_lowers_the_dynamics_kl_and_leaves_the_encoder_alone():
     torch.manual_seed(0)
     model = build_model(tiny_config())
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    stats = tune_prior(model, Clips(n=16), steps=40, batch_size=8, clips=16, lr=3e-3, reset=True,
+    stats = tune_pint(model, Clips(n=16), steps=40, batch_size=8, clips=16, lr=3e-3, reset=True,
                        position_only_trunk=True, progress=False)
     after = model.state_dict()
-    assert stats["prior_steps"] == 40 and stats["prior_clips"] == 16
-    assert stats["prior_loss_after"] < 0.9 * stats["prior_loss_before"]
+    assert stats["pint_steps"] == 40 and stats["pint_clips"] == 16
+    assert stats["pint_loss_after"] < 0.9 * stats["pint_loss_before"]
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed and all(k.startswith("pint.") for k in changed)
 
 
 def test_tune_prior_stops_at_its_time_budget(cache):
     model, c = cache
-    stats = tune_prior(model, c, steps=10**6, max_minutes=0.02, batch_size=4, progress=False)
-    assert 0 < stats["prior_steps"] < 10**6 and stats["prior_seconds"] < 1.2 + 5
+    stats = tune_pint(model, c, steps=10**6, max_minutes=0.02, batch_size=4, progress=False)
+    assert 0 < stats["pint_steps"] < 10**6 and stats["pint_seconds"] < 1.2 + 5
 
 
 def test_tune_prior_needs_a_ddlp():
     with pytest.raises(TypeError, match="DDLP"):
-        tune_prior(build_model(tiny_config(model="dlp")), Clips(), steps=1, progress=False)
+        tune_pint(build_model(tiny_config(model="dlp")), Clips(), steps=1, progress=False)
 
 
 def test_cli_tunes_a_saved_model(tmp_path, capsys):
@@ -130,7 +130,7 @@ def test_cli_tunes_a_saved_model(tmp_path, capsys):
     write_balls(tmp_path / "data", episodes={"train": 2, "val": 1, "test": 1}, seqlen=20, progress=False)
     model = build_model(tiny_config())
     save_pretrained(model, tmp_path / "model")
-    assert main(["tune-prior", str(tmp_path / "model"), "--data.root", str(tmp_path / "data"),
+    assert main(["tune-pint", str(tmp_path / "model"), "--data.root", str(tmp_path / "data"),
                  "--out", str(tmp_path / "tuned"), "--steps", "3", "--clips", "4", "--frames", "12",
                  "--batch-size", "2", "--lr", "1e-3", "--bias-lr", "0.02", "--reset", "--position-only-trunk",
                  "--max-minutes", "1", "--seed", "1"]) == 0
@@ -140,17 +140,21 @@ def test_cli_tunes_a_saved_model(tmp_path, capsys):
     original = model.state_dict()
     assert not torch.equal(tuned["pint.head.weight"], original["pint.head.weight"])
     assert torch.equal(tuned["glimpse_decoder.fc.0.weight"], original["glimpse_decoder.fc.0.weight"])
+    assert main(["tune-pint", str(tmp_path / "model"), "--data.root", str(tmp_path / "data"),
+                 "--out", str(tmp_path / "x"), "--frames", "3"]) != 0
+    assert "at least timestep_horizon + 1 = 5" in capsys.readouterr().err
+    # the command's first name still runs it
     assert main(["tune-prior", str(tmp_path / "model"), "--data.root", str(tmp_path / "data"),
                  "--out", str(tmp_path / "x"), "--frames", "3"]) != 0
     assert "at least timestep_horizon + 1 = 5" in capsys.readouterr().err
     save_pretrained(build_model(tiny_config(model="dlp")), tmp_path / "dlp")
-    assert main(["tune-prior", str(tmp_path / "dlp"), "--out", str(tmp_path / "x")]) != 0
+    assert main(["tune-pint", str(tmp_path / "dlp"), "--out", str(tmp_path / "x")]) != 0
     assert "needs a DDLP" in capsys.readouterr().err
 
 
 def test_the_stand_still_start_lowers_the_dynamics_kl_of_a_fresh_prior():
     torch.manual_seed(0)
     model = build_model(tiny_config())
-    stats = tune_prior(model, Clips(n=8), steps=0, clips=8, reset=True, progress=False)
-    assert stats["prior_steps"] == 0        # "before": the model's own fresh PINT, "after": a stand-still start
-    assert stats["prior_loss_after"] < 0.9 * stats["prior_loss_before"], stats
+    stats = tune_pint(model, Clips(n=8), steps=0, clips=8, reset=True, progress=False)
+    assert stats["pint_steps"] == 0        # "before": the model's own fresh PINT, "after": a stand-still start
+    assert stats["pint_loss_after"] < 0.9 * stats["pint_loss_before"], stats

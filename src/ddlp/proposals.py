@@ -1,4 +1,4 @@
-"""Patch-wise keypoint prior: one soft-argmax proposal per image patch, then filtering.
+"""The keypoint proposer (DLP's patch-wise "prior"): one soft-argmax proposal per image patch, then filtering.
 
 The proposals serve twice: the first K (after filtering) initialise the posterior anchors, and
 all L kept proposals are the (detached) targets of the Chamfer-KL.
@@ -15,7 +15,7 @@ from .nn.glimpse import crop, spatial_softmax
 HEURISTICS = ("variance", "distance", "random", "none")
 
 
-class PatchPrior(nn.Module):
+class KeypointProposer(nn.Module):
     def __init__(self, image_size: int, patch_size: int, channels: list[int], n_keep: int,
                  heuristic: str = "variance", replicate_pad: bool = True):
         super().__init__()

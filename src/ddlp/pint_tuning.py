@@ -21,11 +21,11 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from .encoder import reparameterize
-from .losses import dynamics_kl
+from .losses import dynamics_kl, dynamics_weight
 from .model import DDLP
 from .particles import Particles
 from .pint import PINT, RelativeBias
-from .train import batch_frames
+from .data import batch_frames
 
 
 class PosteriorCache:
@@ -152,7 +152,7 @@ def start_from_stand_still(pint: PINT, posteriors: Particles, recency_bias: floa
             table.time[M - 1 - min(h, M - 1), h] += recency_bias  # offset -h: h frames back
 
 
-def tune_prior(model: DDLP, posteriors: PosteriorCache | Dataset, *, steps: Optional[int] = 2000,
+def tune_pint(model: DDLP, posteriors: PosteriorCache | Dataset, *, steps: Optional[int] = 2000,
                batch_size: int = 64, clips: int = 512, lr: float = 2e-3, bias_lr: float = 0.01,
                reset: bool = False, position_only_trunk: bool = False, seed: int = 0,
                max_minutes: Optional[float] = None, progress: bool = True) -> dict:
@@ -170,9 +170,9 @@ def tune_prior(model: DDLP, posteriors: PosteriorCache | Dataset, *, steps: Opti
     """
     c = model.config
     if not isinstance(model, DDLP):
-        raise TypeError("tune_prior needs a DDLP model (it trains the PINT prior)")
+        raise TypeError("tune_pint needs a DDLP model (it trains the PINT prior)")
     if steps is None and max_minutes is None:
-        raise ValueError("tune_prior needs a number of steps or a time budget (max_minutes)")
+        raise ValueError("tune_pint needs a number of steps or a time budget (max_minutes)")
     torch.manual_seed(seed)
     cache = posteriors if isinstance(posteriors, PosteriorCache) else encode_posteriors(model, posteriors, clips, seed=seed)
     ns, length = c.num_static_frames, c.timestep_horizon + 1
@@ -184,7 +184,7 @@ def tune_prior(model: DDLP, posteriors: PosteriorCache | Dataset, *, steps: Opti
 
     def loss_of(p: Particles) -> Tensor:
         prior = model.pint(p[:, :-1], position_only_trunk=position_only_trunk)
-        return c.beta_dyn * dynamics_kl(p, prior, ns, disc) / length
+        return dynamics_weight(c) * dynamics_kl(p, prior, ns, disc)
 
     was_training = model.training
     model.eval()
@@ -230,5 +230,5 @@ def tune_prior(model: DDLP, posteriors: PosteriorCache | Dataset, *, steps: Opti
     with torch.no_grad():
         after = float(loss_of(probe))
     model.train(was_training)
-    return dict(prior_loss_before=before, prior_loss_after=after, prior_steps=step, prior_clips=len(cache),
-                prior_seconds=time.time() - start)
+    return dict(pint_loss_before=before, pint_loss_after=after, pint_steps=step, pint_clips=len(cache),
+                pint_seconds=time.time() - start)

@@ -1,4 +1,4 @@
-"""`ddlp tune-prior`: train a DDLP's PINT alone on its frozen encoder's posteriors."""
+"""`ddlp tune-pint`: train a DDLP's PINT alone on its frozen encoder's posteriors."""
 from __future__ import annotations
 
 import argparse
@@ -12,22 +12,22 @@ of them, with a fresh posterior sample each time. Useful after a short run whose
 stand still or drift. The tuned model is written to --out (a model directory).
 
 examples:
-  ddlp tune-prior runs/quickstart --data.root data/balls --out runs/quickstart/tuned
-  ddlp tune-prior runs/obj3d/best --data.root data/obj3d --steps 5000 --clips 2048 --out runs/obj3d/tuned
-  ddlp tune-prior runs/balls --reset --position-only-trunk --max-minutes 10 --steps 100000 --out runs/balls/tuned
+  ddlp tune-pint runs/quickstart --data.root data/balls --out runs/quickstart/tuned
+  ddlp tune-pint runs/obj3d/best --data.root data/obj3d --steps 5000 --clips 2048 --out runs/obj3d/tuned
+  ddlp tune-pint runs/balls --reset --position-only-trunk --max-minutes 10 --steps 100000 --out runs/balls/tuned
 """
 
 
-def cmd_tune_prior(args) -> int:
+def cmd_tune_pint(args) -> int:
     from ..storage import save_pretrained
     from ..data.registry import build_dataset
     from ..checkpoint import resolve_checkpoint
     from ..model import DDLP, ParticleModel
-    from ..prior_tuning import encode_posteriors, tune_prior
+    from ..pint_tuning import encode_posteriors, tune_pint
     path, info = resolve_checkpoint(args.checkpoint, use_last=args.use_last)
     model = ParticleModel.from_pretrained(path)
     if not isinstance(model, DDLP):
-        raise ValueError(f"{path} is a single-image DLP model; tune-prior needs a DDLP (video) model")
+        raise ValueError(f"{path} is a single-image DLP model; tune-pint needs a DDLP (video) model")
     config = model.config
     if args.data_root:
         config.root = args.data_root
@@ -37,18 +37,19 @@ def cmd_tune_prior(args) -> int:
     data = build_dataset(dataclasses.replace(config, timestep_horizon=args.frames - 1) if args.frames else config,
                          "train")
     cache = encode_posteriors(model, data, args.clips, frames=args.frames, seed=args.seed, progress=True)
-    stats = tune_prior(model, cache, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+    stats = tune_pint(model, cache, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                        bias_lr=args.bias_lr, reset=args.reset, position_only_trunk=args.position_only_trunk,
                        seed=args.seed, max_minutes=args.max_minutes)
     save_pretrained(model, args.out)
-    print(f"{info['source']} {path}: dynamics KL {stats['prior_loss_before']:.4g} -> "
-          f"{stats['prior_loss_after']:.4g} after {stats['prior_steps']} steps on {stats['prior_clips']} clips; "
+    print(f"{info['source']} {path}: dynamics KL {stats['pint_loss_before']:.4g} -> "
+          f"{stats['pint_loss_after']:.4g} after {stats['pint_steps']} steps on {stats['pint_clips']} clips; "
           f"wrote {args.out}")
     return 0
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("tune-prior", help="train PINT alone on a frozen DDLP encoder",
+    # `tune-prior` was this command's first name; scripts that use it keep working
+    p = sub.add_parser("tune-pint", aliases=["tune-prior"], help="train PINT alone on a frozen DDLP encoder",
                        description="Encode training clips with a trained DDLP (frozen) and optimise only "
                        "its PINT prior on them.", epilog=EPILOG,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -72,4 +73,4 @@ def add_parser(sub) -> None:
     p.add_argument("--max-minutes", type=float, help="stop after this much time")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--use-last", action="store_true", help="in a run directory, use the latest checkpoint")
-    p.set_defaults(fn=cmd_tune_prior)
+    p.set_defaults(fn=cmd_tune_pint)
