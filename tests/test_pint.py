@@ -20,8 +20,9 @@ def make(**kw):
     return PINT(**args).eval()
 
 
-def test_prediction_is_causal_in_time():
-    pint, p = make(), random_particles()
+@pytest.mark.parametrize("velocity_input", [False, True])
+def test_prediction_is_causal_in_time(velocity_input):
+    pint, p = make(velocity_input=velocity_input), random_particles()
     out = pint(p)
     later = p.replace(position=p.position.clone())
     later.position[:, 2:] += 0.5                        # change frames 2 and 3 only
@@ -85,8 +86,9 @@ def test_absolute_embedding_ablation():
     assert out.position_mu.shape == (2, 4, 3, 2)
 
 
-def test_rollout_step_equals_the_full_pass_at_the_last_frame():
-    pint, p = make(), random_particles(T=4)
+@pytest.mark.parametrize("velocity_input", [False, True])
+def test_rollout_step_equals_the_full_pass_at_the_last_frame(velocity_input):
+    pint, p = make(velocity_input=velocity_input), random_particles(T=4)
     with torch.no_grad():
         full = pint(p)
         nxt = pint.step(p)
@@ -101,3 +103,84 @@ def test_cached_mask_follows_the_bias_tables():
         assert torch.equal(pint.step(p).position, before)          # cached mask, same answer
         pint.blocks[0].attn.bias.time[0].add_(5.0)                     # an optimizer step would do this
         assert not torch.allclose(pint.step(p).position, before)   # the cache noticed
+
+
+FIELDS = ("position", "scale", "depth", "transparency", "features", "bg_features")
+
+
+def stepwise(pint, history, steps):
+    """Reference rollout: PINT.step on the whole, growing history (step windows it itself)."""
+    history = history.values()
+    with torch.no_grad():
+        for _ in range(steps):
+            nxt = pint.step(history, deterministic=True).values()
+            history = Particles.cat([history, nxt.map(lambda t: t.unsqueeze(1))])
+    return history
+
+
+@pytest.mark.parametrize("relative_bias", [True, False])
+def test_rollout_is_pint_step_with_a_sliding_window(relative_bias):
+    pint = make(relative_bias=relative_bias)
+    p = random_particles(T=3)
+    out = pint.rollout(p, 6)
+    assert out.batch_shape == (2, 9)
+    assert torch.equal(out.position[:, :3], p.position)
+    ref = stepwise(pint, p, 6)
+    for name in FIELDS:
+        assert torch.allclose(getattr(out, name), getattr(ref, name), atol=1e-5), name
+
+
+def test_rollout_edit_hook_changes_what_later_steps_see():
+    pint = make()
+    p = random_particles(T=3)
+    seen = []
+
+    def freeze_particle_0(t, nxt):
+        seen.append((t, nxt.batch_shape))
+        return nxt.replace(position=torch.cat([torch.zeros_like(nxt.position[:, :, :1]),
+                                               nxt.position[:, :, 1:]], 2))
+
+    out = pint.rollout(p, 4, edit=freeze_particle_0)
+    assert seen == [(t, (2, 1)) for t in range(3, 7)]
+    assert (out.position[:, 3:, 0] == 0).all()
+    plain = pint.rollout(p, 4)
+    assert torch.equal(out.position[:, 3, 1:], plain.position[:, 3, 1:])      # the first step is the same
+    assert not torch.allclose(out.position[:, 4:, 1:], plain.position[:, 4:, 1:])  # later steps see the edit
+
+
+def test_rollout_sampled_steps():
+    pint = make()
+    p = random_particles(T=3)
+    torch.manual_seed(0)
+    a = pint.rollout(p, 5, deterministic=False)
+    torch.manual_seed(0)
+    b = pint.rollout(p, 5, deterministic=False)
+    assert torch.equal(a.position, b.position)
+    assert not torch.allclose(a.position[:, 3:], pint.rollout(p, 5).position[:, 3:])
+    assert ((a.transparency >= 0) & (a.transparency <= 1)).all()
+
+
+def test_velocity_input_embeds_the_last_move():
+    plain, moving = make(), make(velocity_input=True)
+    extra = {k for k in moving.state_dict()} - {k for k in plain.state_dict()}
+    assert extra and all(k.startswith("embedding.velocity.") for k in extra)
+    p = random_particles(T=4)
+    tokens = moving.embedding(p)
+    # the same positions in every frame: no move, so the velocity MLP adds its value at zero
+    still = p.replace(position=p.position[:, :1].expand_as(p.position).clone())
+    e = moving.embedding
+    zero_move = e.velocity(torch.zeros(1, 2))
+    expected = e.particle(torch.cat([e.position(still.position), e.scale(still.scale),
+                                     e.transparency(still.transparency[..., None]), e.depth(still.depth),
+                                     e.features(still.features)], -1)) + zero_move
+    assert torch.allclose(e(still)[..., :-1, :], expected, atol=1e-6)
+    # frame t sees position[t] - position[t - 1], scaled; frame 0 sees no move
+    move = (p.position[:, 2] - p.position[:, 1]) * e.VELOCITY_SCALE
+    fg_2 = tokens[:, 2, :-1] - e.velocity(move)
+    fg_0 = tokens[:, 0, :-1] - zero_move
+    assert torch.allclose(fg_2, e.particle(torch.cat([e.position(p.position[:, 2]), e.scale(p.scale[:, 2]),
+                          e.transparency(p.transparency[:, 2, :, None]), e.depth(p.depth[:, 2]),
+                          e.features(p.features[:, 2])], -1)), atol=1e-6)
+    assert torch.allclose(fg_0, e.particle(torch.cat([e.position(p.position[:, 0]), e.scale(p.scale[:, 0]),
+                          e.transparency(p.transparency[:, 0, :, None]), e.depth(p.depth[:, 0]),
+                          e.features(p.features[:, 0])], -1)), atol=1e-6)

@@ -170,6 +170,7 @@ class Config(JsonConfig):
     pint_heads: int = 8
     pint_dim: int = 256
     pint_relative_bias: bool = True        # False: learned absolute embeddings ("No RPE" ablation)
+    pint_velocity_input: bool = False      # ours: PINT also embeds each particle's last move (docs/training.md)
     no_tracking: bool = False              # True: every frame encoded alone ("DLP (No Tracking)" row)
     num_static_frames: int = 4             # burn-in frames with the constant prior
     # --- loss

@@ -253,7 +253,7 @@ class DDLP(ParticleModel):
         return PINT(c.n_kp_enc, c.learned_feature_dim, c.bg_features_dim, c.pint_dim,
                     c.pint_heads, c.pint_layers, c.timestep_horizon,
                     predict_delta=c.predict_delta, activation=c.kp_activation,
-                    relative_bias=c.pint_relative_bias)
+                    relative_bias=c.pint_relative_bias, velocity_input=c.pint_velocity_input)
 
     def encode(self, frames: Tensor, deterministic: bool = True) -> Particles:
         """Posterior particles of a clip [B, T, 3, H, W], background included."""
