@@ -38,7 +38,7 @@ def test_toy_two_clusters_are_learned_and_sampled(tmp_path):
     model = toy_model()
     L = model.layout
     tokens = two_clusters(L)
-    model.set_stats(LatentStats.from_tokens(tokens, L))
+    model.normalizer.set_stats(LatentStats.from_tokens(tokens, L))
     trainer = DiffusionTrainer(model, tokens, DiffusionTrainOptions(run_dir=str(tmp_path), progress=False))
     for _ in range(400):
         trainer.train_step()
@@ -74,7 +74,7 @@ def test_resume_continues_exactly(tmp_path):
     def fresh(run):
         model = toy_model(dropout=0.1, ema_update_after_step=0, batch_size=8)
         tokens = two_clusters(model.layout, M=20)
-        model.set_stats(LatentStats.from_tokens(tokens, model.layout))
+        model.normalizer.set_stats(LatentStats.from_tokens(tokens, model.layout))
         opts = DiffusionTrainOptions(run_dir=str(run), max_steps=3, checkpoint_every=100, progress=False,
                                      preview_every=0)
         return DiffusionTrainer(model, tokens, opts)

@@ -120,6 +120,21 @@ def test_rollout_shapes_and_sliding_window():
         model.rollout(x, steps=2, cond_steps=5)
 
 
+def test_with_fresh_pint_keeps_everything_but_pint():
+    from ddlp.model import with_fresh_pint
+    model = DDLP(small())
+    fresh = with_fresh_pint(model, pint_velocity_input=True)
+    assert fresh.config.pint_velocity_input and not model.config.pint_velocity_input
+    old, new = model.state_dict(), fresh.state_dict()
+    assert all(torch.equal(v, new[k]) for k, v in old.items() if not k.startswith("pint."))
+    assert any(k.startswith("pint.embedding.velocity.") for k in new)
+    x = moving_discs(frames=5, size=64, batch=1, seed=3)
+    with torch.no_grad():   # same encoder: same posterior
+        assert torch.equal(model.encode(x).position, fresh.encode(x).position)
+    with pytest.raises(ValueError, match="only PINT fields"):
+        with_fresh_pint(model, n_kp_enc=3)
+
+
 def test_decode_reconstructs_forward():
     model = DDLP(small()).eval()
     x = moving_discs(frames=5, size=64, batch=1, seed=8)

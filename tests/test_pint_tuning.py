@@ -136,6 +136,7 @@ def test_cli_tunes_a_saved_model(tmp_path, capsys):
                  "--max-minutes", "1", "--seed", "1"]) == 0
     out = capsys.readouterr().out
     assert "dynamics KL" in out and "on 4 clips" in out
+    assert ParticleModel.from_pretrained(tmp_path / "tuned").config.root == model.config.root  # not mutated
     tuned = ParticleModel.from_pretrained(tmp_path / "tuned").state_dict()
     original = model.state_dict()
     assert not torch.equal(tuned["pint.head.weight"], original["pint.head.weight"])

@@ -53,7 +53,10 @@ def test_quickstart_spends_its_budget_phase_by_phase(tmp_path):
     gif = Image.open(tmp_path / "run" / "prediction.gif")
     # one row per test episode (2 here), ground truth beside prediction in each; 14 frames
     assert gif.n_frames == 14 and gif.width < gif.height < 1.5 * gif.width, gif.size
-    assert json.loads((tmp_path / "run" / "best" / "config.json").read_text())["n_kp_enc"] == 3
+    final = json.loads((tmp_path / "run" / "best" / "config.json").read_text())
+    assert final["n_kp_enc"] == 3 and final["pint_velocity_input"] is True   # the PINT phase's PINT
+    joint = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert joint.get("pint_velocity_input", False) is False                  # the joint phase's: official
     card = (tmp_path / "run" / "best" / "README.md").read_text()
     assert "## Evaluation" in card and f"| med10 | {saved['med10']:.4g} |" in card
 

@@ -6,6 +6,7 @@
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -288,6 +289,20 @@ class DDLP(ParticleModel):
         only); see `PINT.rollout`."""
         return self.pint.rollout(history, steps, deterministic)
 
+
+
+def with_fresh_pint(model: DDLP, **pint_fields) -> DDLP:
+    """A DDLP with `model`'s weights outside PINT and a freshly built PINT whose config fields
+    `pint_fields` (pint_* keys, e.g. pint_velocity_input=True) may differ: for training PINT
+    alone on a frozen encoder (ddlp.pint_tuning) with another PINT than the joint run's."""
+    wrong = sorted(k for k in pint_fields if not k.startswith("pint_"))
+    if wrong:
+        raise ValueError(f"only PINT fields (pint_*) can change, not {', '.join(wrong)}")
+    fresh = DDLP(dataclasses.replace(model.config, **pint_fields)).to(next(model.parameters()).device)
+    kept = {k: v for k, v in model.state_dict().items() if not k.startswith("pint.")}
+    missing, unexpected = fresh.load_state_dict(kept, strict=False)
+    assert not unexpected and all(k.startswith("pint.") for k in missing), (missing, unexpected)
+    return fresh.train(model.training)
 
 
 def build_model(config: Config) -> ParticleModel:

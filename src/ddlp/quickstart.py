@@ -19,7 +19,7 @@ import torch
 from .storage import atomic_write, save_pretrained, write_model_card
 from .config import Config
 from .evaluate import PAPER_PROTOCOLS
-from .model import DDLP, ParticleModel
+from .model import DDLP, ParticleModel, with_fresh_pint
 from .pint_tuning import encode_posteriors, tune_pint
 
 JOINT_SHARE = 0.4           # joint training: the encoder leaves the colour plateau by ~1400 steps
@@ -47,7 +47,8 @@ def ensure_balls(data_dir: Path, train: int, val: int, test: int) -> Path:
 def run(out_dir: str = "runs/quickstart", data_dir: str = "data/balls", minutes: float = 15.0,
         train_episodes: int = 300, val_episodes: int = 16, test_episodes: int = 128, seed: int = 0,
         workers: int = 1, max_steps: int | None = None, pint_steps: int | None = None,
-        position_only_trunk: bool = True, gif_episodes: int = 4, grad_clip: float | None = 1000.0,
+        position_only_trunk: bool = True, pint_velocity_input: bool = True, gif_episodes: int = 4,
+        grad_clip: float | None = 1000.0,
         cond: int = PAPER_PROTOCOLS["balls"][0], horizon: int = PAPER_PROTOCOLS["balls"][1],
         progress: bool = True, **overrides) -> dict:
     """Everything the README's main command does. `overrides` change the balls_small config;
@@ -55,7 +56,8 @@ def run(out_dir: str = "runs/quickstart", data_dir: str = "data/balls", minutes:
 
     Gradients are clipped at `grad_clip` (2-4x their typical norm of 200-550 here): with batches
     of 2 at lr 2e-3 a rare spike can otherwise send the transparency head off.
-    `position_only_trunk`: see ddlp.pint_tuning.tune_pint."""
+    `position_only_trunk`: see ddlp.pint_tuning.tune_pint. `pint_velocity_input`: the PINT of
+    the PINT phase (and of the final model) embeds each particle's last move (config field)."""
     from .data.balls import BallsDataset
     from .train import Trainer, TrainingError, TrainOptions
 
@@ -85,6 +87,9 @@ def run(out_dir: str = "runs/quickstart", data_dir: str = "data/balls", minutes:
         print(f"joint training stopped at step {trainer.global_step}: {e}\ngoing on with {out / 'best'}")
     joint_seconds = time.time() - start
     model = ParticleModel.from_pretrained(out / "best") if (out / "best").is_dir() else trainer.model
+    # the joint phase trains the preset's official PINT; the PINT phase starts a fresh one anyway,
+    # and may give it the velocity input (docs/training.md)
+    model = with_fresh_pint(model, pint_velocity_input=pint_velocity_input)
 
     start = time.time()
     clips = BallsDataset(root, "train", clip_len=min(CACHE_FRAMES, train_set.episode_len))

@@ -29,13 +29,12 @@ def cmd_tune_pint(args) -> int:
     if not isinstance(model, DDLP):
         raise ValueError(f"{path} is a single-image DLP model; tune-pint needs a DDLP (video) model")
     config = model.config
-    if args.data_root:
-        config.root = args.data_root
     if args.frames is not None and args.frames < config.timestep_horizon + 1:
         raise ValueError(f"--frames must be at least timestep_horizon + 1 = {config.timestep_horizon + 1}")
     # the training split yields clips of timestep_horizon + 1 frames: ask for longer ones
+    # (a copy: the model's own config is left as it was trained)
     data = build_dataset(dataclasses.replace(config, timestep_horizon=args.frames - 1) if args.frames else config,
-                         "train")
+                         "train", root=args.data_root)
     cache = encode_posteriors(model, data, args.clips, frames=args.frames, seed=args.seed, progress=True)
     stats = tune_pint(model, cache, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                        bias_lr=args.bias_lr, reset=args.reset, position_only_trunk=args.position_only_trunk,

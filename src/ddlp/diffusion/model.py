@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from ..config import JsonConfig
 from .denoiser import ParticleDenoiser
-from .latents import NORM_MODES, LatentNormalizer, LatentStats
+from .latents import NORM_MODES, LatentNormalizer
 from .schedule import SCHEDULES, NoiseSchedule
 from .tokens import TokenLayout
 
@@ -126,11 +126,6 @@ class DiffuseDDLP(nn.Module):
         target = x0 if self.config.objective == "pred_x0" else noise
         err = (out - target).abs() if self.config.loss_type == "l1" else (out - target) ** 2
         return (err * self.padding_mask).mean()
-
-    def set_stats(self, stats: LatentStats) -> None:
-        self.normalizer.set_stats(stats)
-        if stats.fingerprint:
-            self.config.ddlp_fingerprint = stats.fingerprint
 
     # ------------------------------------------------------------------ persistence
     def save_pretrained(self, directory: str | Path) -> None:

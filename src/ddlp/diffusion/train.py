@@ -13,6 +13,7 @@ A run directory holds:
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -300,7 +301,6 @@ def prepare_run(ddlp_path: str | Path, options: DiffusionTrainOptions, *, data_r
         stats = LatentStats.from_tokens(tokens, config.layout, fp)
     stats.save(run_dir / STATS_FILE)
     copy_ddlp(source, run_dir)
-    model = DiffuseDDLP(config).to(device)
-    model.set_stats(stats)
-    model.config.ddlp_fingerprint = fp
+    model = DiffuseDDLP(dataclasses.replace(config, ddlp_fingerprint=fp)).to(device)
+    model.normalizer.set_stats(stats)
     return DiffusionTrainer(model, tokens, options, ddlp)
