@@ -164,23 +164,15 @@ def test_velocity_input_embeds_the_last_move():
     plain, moving = make(), make(velocity_input=True)
     extra = {k for k in moving.state_dict()} - {k for k in plain.state_dict()}
     assert extra and all(k.startswith("embedding.velocity.") for k in extra)
-    p = random_particles(T=4)
-    tokens = moving.embedding(p)
-    # the same positions in every frame: no move, so the velocity MLP adds its value at zero
-    still = p.replace(position=p.position[:, :1].expand_as(p.position).clone())
-    e = moving.embedding
-    zero_move = e.velocity(torch.zeros(1, 2))
-    expected = e.particle(torch.cat([e.position(still.position), e.scale(still.scale),
-                                     e.transparency(still.transparency[..., None]), e.depth(still.depth),
-                                     e.features(still.features)], -1)) + zero_move
-    assert torch.allclose(e(still)[..., :-1, :], expected, atol=1e-6)
-    # frame t sees position[t] - position[t - 1], scaled; frame 0 sees no move
+    e, p = moving.embedding, random_particles(T=4)
+
+    def without_motion(t):      # the official token of frame t
+        return e.particle(torch.cat([e.position(p.position[:, t]), e.scale(p.scale[:, t]),
+                                     e.transparency(p.transparency[:, t, :, None]), e.depth(p.depth[:, t]),
+                                     e.features(p.features[:, t])], -1))
+
+    tokens = e(p)[:, :, :-1]
+    # frame t adds the embedding of position[t] - position[t - 1], scaled; frame 0 of no move
     move = (p.position[:, 2] - p.position[:, 1]) * e.VELOCITY_SCALE
-    fg_2 = tokens[:, 2, :-1] - e.velocity(move)
-    fg_0 = tokens[:, 0, :-1] - zero_move
-    assert torch.allclose(fg_2, e.particle(torch.cat([e.position(p.position[:, 2]), e.scale(p.scale[:, 2]),
-                          e.transparency(p.transparency[:, 2, :, None]), e.depth(p.depth[:, 2]),
-                          e.features(p.features[:, 2])], -1)), atol=1e-6)
-    assert torch.allclose(fg_0, e.particle(torch.cat([e.position(p.position[:, 0]), e.scale(p.scale[:, 0]),
-                          e.transparency(p.transparency[:, 0, :, None]), e.depth(p.depth[:, 0]),
-                          e.features(p.features[:, 0])], -1)), atol=1e-6)
+    assert torch.allclose(tokens[:, 2], without_motion(2) + e.velocity(move), atol=1e-6)
+    assert torch.allclose(tokens[:, 0], without_motion(0) + e.velocity(torch.zeros(2)), atol=1e-6)

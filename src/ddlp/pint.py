@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .encoder import reparameterize
-from .nn.blocks import mlp
+from .nn.blocks import init_normal, mlp
 from .nn.precision import full_precision
 from .particles import Particles
 
@@ -139,17 +139,7 @@ class Block(nn.Module):
 def init_transformer(modules) -> None:
     """The official transformer init, in module order: N(0, 0.02) linears (zero biases) and
     relative-bias tables, unit LayerNorms."""
-    for m in modules:
-        if isinstance(m, nn.Linear):
-            nn.init.normal_(m.weight, std=0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.LayerNorm):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
-        elif isinstance(m, RelativeBias):
-            nn.init.normal_(m.time, std=0.02)
-            nn.init.normal_(m.particle, std=0.02)
+    init_normal(modules, 0.02, (nn.Linear,), (nn.LayerNorm,), (RelativeBias,))
 
 
 class ParticleReadout(nn.Module):

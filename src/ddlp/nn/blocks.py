@@ -128,14 +128,24 @@ def mlp(*widths: int, final_act: bool = False) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
-def init_conv_weights(module: nn.Module) -> None:
-    """Official initialisation of every 2-D conv of the particle model: N(0, 0.01^2), bias 0."""
-    for m in module.modules():
-        if isinstance(m, nn.Conv2d):
-            nn.init.normal_(m.weight, std=0.01)
+def init_normal(modules, std: float, layers: tuple[type, ...], norms: tuple[type, ...] = (),
+                tables: tuple[type, ...] = ()) -> None:
+    """The official initialisations, in module order (so the random draws come in the same order):
+    weights of `layers` from N(0, std^2) with zero biases, `norms` at unit scale and zero shift,
+    every own parameter of `tables` from N(0, std^2)."""
+    for m in modules:
+        if isinstance(m, layers):
+            nn.init.normal_(m.weight, std=std)
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.GroupNorm):
+        elif isinstance(m, norms):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
+        elif isinstance(m, tables):
+            for t in m.parameters(recurse=False):
+                nn.init.normal_(t, std=std)
 
+
+def init_conv_weights(module: nn.Module) -> None:
+    """Official initialisation of every 2-D conv of the particle model: N(0, 0.01^2), bias 0."""
+    init_normal(module.modules(), 0.01, (nn.Conv2d,), (nn.GroupNorm,))
