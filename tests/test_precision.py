@@ -13,12 +13,11 @@ CASE = Path(__file__).parent / "fixtures" / "parity" / "ddlp_balls_small"
 PX = 31.5                       # [-1, 1] positions -> pixels at 64 px (align_corners)
 
 # bf16 keeps 8 bits of mantissa: one rounding is up to 2^-9 = 0.2 % relative. The ELBO terms are
-# sums over thousands of pixels and particles after ~10 layers; on this case they move by
-# 0.01-0.4 % (loss, reconstruction, KL) and up to 1.4 % (the small feature and dynamics KLs,
-# which also see the proposals the bf16 encoder keeps). The bounds leave 2-3x for other CPUs,
-# whose bf16 kernels round differently.
-LOSS_RTOL = 0.01
-TERM_RTOL = 0.03
+# sums over thousands of pixels and particles after ~10 layers, and the bf16 encoder may keep other
+# proposals than the fp32 one (these are freshly initialised weights). On this case they move by
+# up to 1.4 %; on four copies of the input with 0.002 of noise added (a stand-in for CPUs whose
+# bf16 kernels round differently) by up to 1.3 % (loss 1.1 %). The bound leaves over 2x.
+RTOL = 0.03
 ROLLOUT_PX = 0.5                # PINT alone, same conditioning particles: 0.21 px at most measured
 
 
@@ -42,9 +41,8 @@ def test_elbo_terms_in_bf16_stay_within_the_stated_bounds(case):
             low = elbo(model(x, deterministic=True), x, config)
     assert all(v.dtype == torch.float32 for v in low.values())     # reductions stay in float32
     for name, value in ref.items():
-        tol = LOSS_RTOL if name == "loss" else TERM_RTOL
         err = abs(float(low[name]) - float(value)) / abs(float(value))
-        assert err <= tol, f"{name}: relative error {err:.2e} > {tol}"
+        assert err <= RTOL, f"{name}: relative error {err:.2e} > {RTOL}"
 
 
 def test_pint_rollout_in_bf16_follows_fp32(case):
