@@ -133,6 +133,8 @@ def test_with_fresh_pint_keeps_everything_but_pint():
         assert torch.equal(model.encode(x).position, fresh.encode(x).position)
     with pytest.raises(ValueError, match="only PINT fields"):
         with_fresh_pint(model, n_kp_enc=3)
+    spread = with_fresh_pint(model, spread_anchors=True)      # changes no weight: allowed
+    assert spread.config.spread_anchors and spread.prior.spacing > 0
 
 
 def test_decode_reconstructs_forward():
@@ -297,3 +299,35 @@ def test_the_vgg_objective_is_scaled_in_the_loss_not_in_the_logs(model_type, fra
         vgg_cfg = Config.from_dict({**cfg.to_dict(), "recon_loss_type": "vgg"})
         scaled = elbo(out, x, vgg_cfg, recon=pixel_sse)
     assert torch.allclose(scaled["loss"], 1e-3 * mse["loss"]) and torch.equal(scaled["loss_rec"], mse["loss_rec"])
+
+
+def test_spread_first_takes_distant_proposals_first():
+    from ddlp.proposals import spread_first
+    # three proposals on one object, then one on a second object, then one more on the first
+    kp = torch.tensor([[[0.0, 0.0], [0.1, 0.0], [0.0, 0.1], [0.8, 0.8], [0.05, 0.05]]], requires_grad=True)
+    out = spread_first(kp, k=2, spacing=0.5)
+    assert out[0].tolist() == kp[0, [0, 3, 1, 2, 4]].tolist()       # taken first, the rest in order
+    out[0, 1].sum().backward()                                      # a gather: gradients follow
+    assert kp.grad[0, 3].tolist() == [1.0, 1.0] and kp.grad.abs().sum() == 2
+    # fewer distant proposals than k: the first k still start with the distant ones
+    near = torch.tensor([[[0.0, 0.0], [0.1, 0.0], [0.2, 0.0]]])
+    assert spread_first(near, k=2, spacing=0.5)[0].tolist() == near[0].tolist()
+    # batch rows are independent
+    both = torch.cat([kp.detach(), kp.detach().flip(1)])
+    assert torch.equal(spread_first(both, k=2, spacing=0.5)[1, :2], both[1, :2])   # 0.05 and 0.8 apart
+
+
+def test_spread_anchors_gives_each_disc_a_particle():
+    """spread_anchors only reorders the kept proposals (the Chamfer-KL's set is unchanged), and
+    the second anchor is a glimpse away from the first whenever a kept proposal is."""
+    x = moving_discs(frames=1, size=64, batch=4, n_discs=2, seed=5)[:, 0]
+    plain = DDLP(small(n_kp_enc=2))
+    spread = DDLP(small(n_kp_enc=2, spread_anchors=True))
+    spread.load_state_dict(plain.state_dict())
+    assert (plain.prior.spacing, spread.prior.spacing, spread.prior.n_anchors) == (0.0, 0.5, 2)  # a glimpse
+    a, b = plain.prior(x)[0], spread.prior(x)[0]
+    assert torch.equal(a.sort(1).values, b.sort(1).values)
+    gap = (b[:, 0] - b[:, 1]).norm(dim=-1)
+    reachable = (torch.cdist(b[:, :1], b)[:, 0] >= 0.5).any(-1)   # a kept proposal far from the first
+    assert torch.equal(gap >= 0.5, reachable) and reachable.any()
+    assert not Config().spread_anchors

@@ -55,8 +55,9 @@ def test_quickstart_spends_its_budget_phase_by_phase(tmp_path):
     assert gif.n_frames == 14 and gif.width < gif.height < 1.5 * gif.width, gif.size
     final = json.loads((tmp_path / "run" / "best" / "config.json").read_text())
     assert final["n_kp_enc"] == 3 and final["pint_velocity_input"] is True   # the PINT phase's PINT
+    assert final["spread_anchors"] is True                                   # and anchors
     joint = json.loads((tmp_path / "run" / "config.json").read_text())
-    assert joint.get("pint_velocity_input", False) is False                  # the joint phase's: official
+    assert not joint.get("pint_velocity_input") and not joint.get("spread_anchors")  # the joint phase's: official
     card = (tmp_path / "run" / "best" / "README.md").read_text()
     assert "## Evaluation" in card and f"| med10 | {saved['med10']:.4g} |" in card
 

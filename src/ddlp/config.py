@@ -155,6 +155,7 @@ class Config(JsonConfig):
     dropout: float = 0.0                   # accepted for compatibility; unused upstream too
     use_resblock: bool = False
     filtering_heuristic: str = "variance"
+    spread_anchors: bool = False           # ours: first-frame anchors a glimpse apart (docs/training.md)
     use_correlation_heatmaps: bool = True
     enable_enc_attn: bool = False
     use_tracking: bool = False             # DLP only: track over a 5-D input

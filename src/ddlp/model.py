@@ -54,8 +54,9 @@ class ParticleModel(nn.Module):
         g, H = c.glimpse_size, c.image_size
         replicate = c.pad_mode != "zeros"
         # named `prior` as in the official state dict (fg_module.prior.*), so checkpoints map 1:1
+        spacing = c.anchor_s * (c.kp_range[1] - c.kp_range[0]) if c.spread_anchors else 0.0
         self.prior = KeypointProposer(H, c.patch_size, c.prior_channels, c.n_kp_prior,
-                                c.filtering_heuristic, replicate)
+                                      c.filtering_heuristic, replicate, c.n_kp_enc, spacing)
         self.mixer = (ParticleMixer(self.prior.n_patches, c.n_kp_enc, H, g, c.prior_channels)
                       if c.filtering_heuristic == "none" else None)
         self.attribute_encoder = AttributeEncoder(c.prior_channels, g, H, c.use_correlation_heatmaps,
@@ -291,14 +292,18 @@ class DDLP(ParticleModel):
 
 
 
-def with_fresh_pint(model: DDLP, **pint_fields) -> DDLP:
+WEIGHTLESS_FIELDS = ("spread_anchors",)    # config fields that change no weight's shape or meaning
+
+
+def with_fresh_pint(model: DDLP, **fields) -> DDLP:
     """A DDLP with `model`'s weights outside PINT and a freshly built PINT whose config fields
-    `pint_fields` (pint_* keys, e.g. pint_velocity_input=True) may differ: for training PINT
-    alone on a frozen encoder (ddlp.pint_tuning) with another PINT than the joint run's."""
-    wrong = sorted(k for k in pint_fields if not k.startswith("pint_"))
+    (pint_* keys, e.g. pint_velocity_input=True, and WEIGHTLESS_FIELDS) may differ: for training
+    PINT alone on a frozen encoder (ddlp.pint_tuning) with another PINT than the joint run's."""
+    wrong = sorted(k for k in fields if not k.startswith("pint_") and k not in WEIGHTLESS_FIELDS)
     if wrong:
-        raise ValueError(f"only PINT fields (pint_*) can change, not {', '.join(wrong)}")
-    fresh = DDLP(dataclasses.replace(model.config, **pint_fields)).to(next(model.parameters()).device)
+        raise ValueError(f"only PINT fields (pint_*) and {', '.join(WEIGHTLESS_FIELDS)} can change, "
+                         f"not {', '.join(wrong)}")
+    fresh = DDLP(dataclasses.replace(model.config, **fields)).to(next(model.parameters()).device)
     kept = {k: v for k, v in model.state_dict().items() if not k.startswith("pint.")}
     missing, unexpected = fresh.load_state_dict(kept, strict=False)
     assert not unexpected and all(k.startswith("pint.") for k in missing), (missing, unexpected)

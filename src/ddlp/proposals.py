@@ -2,6 +2,10 @@
 
 The proposals serve twice: the first K (after filtering) initialise the posterior anchors, and
 all L kept proposals are the (detached) targets of the Chamfer-KL.
+
+With `spacing` (ours, off in the official configs) the kept proposals are reordered so that the
+first K are at least `spacing` apart where the kept set allows it: several proposals on one
+object no longer crowd out another object, which then has no particle for the whole clip.
 """
 from __future__ import annotations
 
@@ -17,7 +21,8 @@ HEURISTICS = ("variance", "distance", "random", "none")
 
 class KeypointProposer(nn.Module):
     def __init__(self, image_size: int, patch_size: int, channels: list[int], n_keep: int,
-                 heuristic: str = "variance", replicate_pad: bool = True):
+                 heuristic: str = "variance", replicate_pad: bool = True, n_anchors: int = 0,
+                 spacing: float = 0.0):
         super().__init__()
         if heuristic not in HEURISTICS:
             raise ValueError(f"filtering_heuristic must be one of {HEURISTICS}, got {heuristic!r}")
@@ -26,6 +31,7 @@ class KeypointProposer(nn.Module):
         self.n_patches = self.grid ** 2
         self.n_keep = self.n_patches if heuristic == "none" else min(n_keep, self.n_patches)
         self.cnn = ConvEncoder(3, channels, patch_size, n_out=1, replicate_pad=replicate_pad)
+        self.n_anchors, self.spacing = n_anchors, spacing
 
     def patch_origins(self, ref: Tensor) -> Tensor:
         """Top-left pixel (row, col) of every patch, raster order: [Q, 2]."""
@@ -61,7 +67,24 @@ class KeypointProposer(nn.Module):
             perm = torch.randperm(self.n_patches, device=x.device)[: self.n_keep]
             idx = perm.expand(kp.shape[0], -1)
         kept = torch.gather(kp, 1, idx[..., None].expand(-1, -1, 2))
+        if self.spacing > 0 and heuristic != "random":
+            kept = spread_first(kept, self.n_anchors, self.spacing)
         return kept, kp, var
+
+
+def spread_first(kp: Tensor, k: int, spacing: float) -> Tensor:
+    """Reorder proposals [B, L, 2]: greedily, in their order, take up to k that are at least
+    `spacing` from every one taken before; the taken ones come first, the others keep their
+    order behind them. A permutation, so the set (the Chamfer-KL's target) is unchanged."""
+    B, L, _ = kp.shape
+    close = torch.cdist(kp.detach(), kp.detach()) < spacing            # [B, L, L]
+    taken = torch.zeros(B, L, dtype=torch.bool, device=kp.device)
+    for i in range(L):
+        free = ~(close[:, i] & taken).any(-1)
+        taken[:, i] = free & (taken.sum(-1) < k)
+    rank = torch.arange(L, device=kp.device) + L * (~taken).long()    # taken first, stable
+    order = rank.argsort(-1)
+    return torch.gather(kp, 1, order[..., None].expand(-1, -1, 2))
 
 
 class _Residual(nn.Module):

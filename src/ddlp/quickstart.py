@@ -47,7 +47,8 @@ def ensure_balls(data_dir: Path, train: int, val: int, test: int) -> Path:
 def run(out_dir: str = "runs/quickstart", data_dir: str = "data/balls", minutes: float = 15.0,
         train_episodes: int = 300, val_episodes: int = 16, test_episodes: int = 128, seed: int = 0,
         workers: int = 1, max_steps: int | None = None, pint_steps: int | None = None,
-        position_only_trunk: bool = True, pint_velocity_input: bool = True, gif_episodes: int = 4,
+        position_only_trunk: bool = True, pint_velocity_input: bool = True, spread_anchors: bool = True,
+        gif_episodes: int = 4,
         grad_clip: float | None = 1000.0,
         cond: int = PAPER_PROTOCOLS["balls"][0], horizon: int = PAPER_PROTOCOLS["balls"][1],
         progress: bool = True, **overrides) -> dict:
@@ -57,7 +58,8 @@ def run(out_dir: str = "runs/quickstart", data_dir: str = "data/balls", minutes:
     Gradients are clipped at `grad_clip` (2-4x their typical norm of 200-550 here): with batches
     of 2 at lr 2e-3 a rare spike can otherwise send the transparency head off.
     `position_only_trunk`: see ddlp.pint_tuning.tune_pint. `pint_velocity_input`: the PINT of
-    the PINT phase (and of the final model) embeds each particle's last move (config field)."""
+    the PINT phase (and of the final model) embeds each particle's last move; `spread_anchors`:
+    from the encode phase on, the first frame's particles start a glimpse apart (config fields)."""
     from .data.balls import BallsDataset
     from .train import Trainer, TrainingError, TrainOptions
 
@@ -87,9 +89,10 @@ def run(out_dir: str = "runs/quickstart", data_dir: str = "data/balls", minutes:
         print(f"joint training stopped at step {trainer.global_step}: {e}\ngoing on with {out / 'best'}")
     joint_seconds = time.time() - start
     model = ParticleModel.from_pretrained(out / "best") if (out / "best").is_dir() else trainer.model
-    # the joint phase trains the preset's official PINT; the PINT phase starts a fresh one anyway,
-    # and may give it the velocity input (docs/training.md)
-    model = with_fresh_pint(model, pint_velocity_input=pint_velocity_input)
+    # the joint phase trains the preset's official model; the PINT phase starts a fresh PINT
+    # anyway, and may give it the velocity input. Spread anchors change no weight: the cached
+    # posteriors and the final model use them, the joint phase does not (docs/training.md)
+    model = with_fresh_pint(model, pint_velocity_input=pint_velocity_input, spread_anchors=spread_anchors)
 
     start = time.time()
     clips = BallsDataset(root, "train", clip_len=min(CACHE_FRAMES, train_set.episode_len))
