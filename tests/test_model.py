@@ -135,6 +135,11 @@ def test_with_fresh_pint_keeps_everything_but_pint():
         with_fresh_pint(model, n_kp_enc=3)
     spread = with_fresh_pint(model, spread_anchors=True)      # changes no weight: allowed
     assert spread.config.spread_anchors and spread.prior.spacing > 0
+    from ddlp.model import reconfigured
+    same = reconfigured(model, spread_anchors=True)
+    assert same.prior.spacing > 0 and all(torch.equal(v, same.state_dict()[k]) for k, v in old.items())
+    with pytest.raises(ValueError, match="without new weights"):
+        reconfigured(model, pint_dim=16)
 
 
 def test_decode_reconstructs_forward():

@@ -133,10 +133,11 @@ def test_cli_tunes_a_saved_model(tmp_path, capsys):
     assert main(["tune-pint", str(tmp_path / "model"), "--data.root", str(tmp_path / "data"),
                  "--out", str(tmp_path / "tuned"), "--steps", "3", "--clips", "4", "--frames", "12",
                  "--batch-size", "2", "--lr", "1e-3", "--bias-lr", "0.02", "--reset", "--position-only-trunk",
-                 "--max-minutes", "1", "--seed", "1"]) == 0
+                 "--spread-anchors", "--max-minutes", "1", "--seed", "1"]) == 0
     out = capsys.readouterr().out
     assert "dynamics KL" in out and "on 4 clips" in out
     assert ParticleModel.from_pretrained(tmp_path / "tuned").config.root == model.config.root  # not mutated
+    assert ParticleModel.from_pretrained(tmp_path / "tuned").config.spread_anchors and not model.config.spread_anchors
     tuned = ParticleModel.from_pretrained(tmp_path / "tuned").state_dict()
     original = model.state_dict()
     assert not torch.equal(tuned["pint.head.weight"], original["pint.head.weight"])

@@ -295,6 +295,16 @@ class DDLP(ParticleModel):
 WEIGHTLESS_FIELDS = ("spread_anchors",)    # config fields that change no weight's shape or meaning
 
 
+def reconfigured(model: ParticleModel, **fields) -> ParticleModel:
+    """`model` with the same weights and WEIGHTLESS_FIELDS of its config changed."""
+    wrong = sorted(k for k in fields if k not in WEIGHTLESS_FIELDS)
+    if wrong:
+        raise ValueError(f"only {', '.join(WEIGHTLESS_FIELDS)} can change without new weights, not {', '.join(wrong)}")
+    other = build_model(dataclasses.replace(model.config, **fields)).to(next(model.parameters()).device)
+    other.load_state_dict(model.state_dict())
+    return other.train(model.training)
+
+
 def with_fresh_pint(model: DDLP, **fields) -> DDLP:
     """A DDLP with `model`'s weights outside PINT and a freshly built PINT whose config fields
     (pint_* keys, e.g. pint_velocity_input=True, and WEIGHTLESS_FIELDS) may differ: for training

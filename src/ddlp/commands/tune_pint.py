@@ -14,7 +14,7 @@ stand still or drift. The tuned model is written to --out (a model directory).
 examples:
   ddlp tune-pint runs/quickstart --data.root data/balls --out runs/quickstart/tuned
   ddlp tune-pint runs/obj3d/best --data.root data/obj3d --steps 5000 --clips 2048 --out runs/obj3d/tuned
-  ddlp tune-pint runs/balls --reset --position-only-trunk --max-minutes 10 --steps 100000 --out runs/balls/tuned
+  ddlp tune-pint runs/balls --reset --position-only-trunk --spread-anchors --max-minutes 10 --steps 100000 --out runs/balls/tuned
 """
 
 
@@ -22,12 +22,14 @@ def cmd_tune_pint(args) -> int:
     from ..storage import save_pretrained
     from ..data.registry import build_dataset
     from ..checkpoint import resolve_checkpoint
-    from ..model import DDLP, ParticleModel
+    from ..model import DDLP, ParticleModel, reconfigured
     from ..pint_tuning import encode_posteriors, tune_pint
     path, info = resolve_checkpoint(args.checkpoint, use_last=args.use_last)
     model = ParticleModel.from_pretrained(path)
     if not isinstance(model, DDLP):
         raise ValueError(f"{path} is a single-image DLP model; tune-pint needs a DDLP (video) model")
+    if args.spread_anchors:
+        model = reconfigured(model, spread_anchors=True)
     config = model.config
     if args.frames is not None and args.frames < config.timestep_horizon + 1:
         raise ValueError(f"--frames must be at least timestep_horizon + 1 = {config.timestep_horizon + 1}")
@@ -69,6 +71,8 @@ def add_parser(sub) -> None:
     p.add_argument("--position-only-trunk", action="store_true", help="the transformer learns from the "
                    "position term of the dynamics KL only, the other terms train their own heads "
                    "(docs/training.md)")
+    p.add_argument("--spread-anchors", action="store_true", help="encode (and save the model) with the "
+                   "first frame's particles started a glimpse apart, as the quickstart does (docs/training.md)")
     p.add_argument("--max-minutes", type=float, help="stop after this much time")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--use-last", action="store_true", help="in a run directory, use the latest checkpoint")
