@@ -322,7 +322,7 @@ def test_spread_first_takes_distant_proposals_first():
     assert torch.equal(spread_first(both, k=2, spacing=0.5)[1, :2], both[1, :2])   # 0.05 and 0.8 apart
 
 
-def test_spread_anchors_gives_each_disc_a_particle():
+def test_spread_anchors_reorders_the_kept_proposals():
     """spread_anchors only reorders the kept proposals (the Chamfer-KL's set is unchanged), and
     the second anchor is a glimpse away from the first whenever a kept proposal is."""
     x = moving_discs(frames=1, size=64, batch=4, n_discs=2, seed=5)[:, 0]

@@ -136,9 +136,10 @@ def test_cli_tunes_a_saved_model(tmp_path, capsys):
                  "--spread-anchors", "--max-minutes", "1", "--seed", "1"]) == 0
     out = capsys.readouterr().out
     assert "dynamics KL" in out and "on 4 clips" in out
-    assert ParticleModel.from_pretrained(tmp_path / "tuned").config.root == model.config.root  # not mutated
-    assert ParticleModel.from_pretrained(tmp_path / "tuned").config.spread_anchors and not model.config.spread_anchors
-    tuned = ParticleModel.from_pretrained(tmp_path / "tuned").state_dict()
+    tuned_model = ParticleModel.from_pretrained(tmp_path / "tuned")
+    assert tuned_model.config.root == model.config.root  # not mutated
+    assert tuned_model.config.spread_anchors and not model.config.spread_anchors
+    tuned = tuned_model.state_dict()
     original = model.state_dict()
     assert not torch.equal(tuned["pint.head.weight"], original["pint.head.weight"])
     assert torch.equal(tuned["glimpse_decoder.fc.0.weight"], original["glimpse_decoder.fc.0.weight"])
