@@ -6,6 +6,8 @@
 Each preset runs in its own process (so peak memory is its own): synthetic clips of moving
 discs, the post-warm-up training regime (full reconstruction, dynamics on, all future frames
 weighted), MSE reconstruction loss, Adam. Prints a table and writes a JSON.
+Peak memory is taken after the training steps, as the official harness does
+(`peak_memory_with_rollout_gb` also covers the evaluation forward and the rollout).
 CPU: peak RSS of the process; GPU: max allocated memory.
 
 --compare runs the same measurement on two revisions (git revisions, or WORKTREE for the files
@@ -73,6 +75,8 @@ def run_one(preset: str, steps: int, device: str, precision: str = "fp32") -> di
         if i:
             times.append(time.perf_counter() - t)
             cpu_times.append(time.process_time() - c)
+    train_peak = (torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda")
+                  else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
     with torch.no_grad(), autocast():
         model.eval()
         enc_t = time.perf_counter()
@@ -87,17 +91,19 @@ def run_one(preset: str, steps: int, device: str, precision: str = "fp32") -> di
         sync()
         rollout_t = time.perf_counter() - t
     step = statistics.median(times)
-    peak = (torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda")
+    peak_all = (torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda")
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
     native, evidence = native_bf16(device)
     return dict(preset=preset, batch=batch, frames=frames, device=device, threads=torch.get_num_threads(),
                 precision=precision, cpu=cpu_model(), native_bf16=native, bf16_evidence=evidence,
-                train_step_s=step, clips_per_s=batch / step, train_step_cpu_s=statistics.median(cpu_times), peak_memory_gb=peak,
+                train_step_s=step, clips_per_s=batch / step, train_step_cpu_s=statistics.median(cpu_times), peak_memory_gb=train_peak,
+                peak_memory_with_rollout_gb=peak_all,
                 forward_s=enc_t, rollout_100_frames_s=rollout_t, torch=torch.__version__)
 
 
 # CPU seconds per step are the robust figure on a shared machine with one thread (no spinning).
-METRICS = ("train_step_s", "train_step_cpu_s", "peak_memory_gb", "forward_s", "rollout_100_frames_s")
+METRICS = ("train_step_s", "train_step_cpu_s", "peak_memory_gb", "peak_memory_with_rollout_gb", "forward_s",
+           "rollout_100_frames_s")
 
 
 def measure(preset: str, steps: int, device: str, src: str | None = None, precision: str = "fp32") -> dict:
@@ -133,15 +139,16 @@ def print_table(rows: list[dict]) -> None:
               f"{r['rollout_100_frames_s']:>14.2f}")
 
 
-def compare(revs: list[str], presets: list[str], steps: int, rounds: int, device: str) -> dict:
+def compare(revs: list[str], presets: list[str], steps: int, rounds: int, device: str,
+            precision: str = "fp32") -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         srcs = {rev: checkout(rev, Path(tmp)) for rev in revs}
         runs = {(rev, p): [] for rev in revs for p in presets}
         for i in range(rounds):
             for preset in presets:
                 for rev in revs:
-                    runs[rev, preset].append(measure(preset, steps, device, srcs[rev]))
-                    print(f"round {i + 1}/{rounds} {preset} {rev}: "
+                    runs[rev, preset].append(measure(preset, steps, device, srcs[rev], precision))
+                    print(f"round {i + 1}/{rounds} {preset} {rev} {precision}: "
                           f"{runs[rev, preset][-1]['train_step_s']:.2f} s/step", file=sys.stderr)
     med = {k: {m: statistics.median(r[m] for r in v) for m in METRICS} for k, v in runs.items()}
     a, b = revs
@@ -150,7 +157,7 @@ def compare(revs: list[str], presets: list[str], steps: int, rounds: int, device
         for m in METRICS:
             x, y = med[a, preset][m], med[b, preset][m]
             print(f"{preset:<10} {m:<22} {x:>12.3f} {y:>12.3f} {y / x:>7.2f}")
-    return dict(revisions=revs, rounds=rounds, medians={f"{rev}:{p}": v for (rev, p), v in med.items()},
+    return dict(revisions=revs, rounds=rounds, precision=precision, medians={f"{rev}:{p}": v for (rev, p), v in med.items()},
                 runs={f"{rev}:{p}": v for (rev, p), v in runs.items()})
 
 
@@ -179,7 +186,9 @@ def main() -> None:
         revs = args.compare + ["WORKTREE"] if len(args.compare) == 1 else args.compare
         if len(revs) != 2:
             ap.error("--compare takes one or two revisions")
-        result = compare(revs, args.presets, args.steps, args.rounds, args.device)
+        if len(args.precision) != 1:
+            ap.error("--compare takes one --precision")
+        result = compare(revs, args.presets, args.steps, args.rounds, args.device, args.precision[0])
         out = args.json.replace(".json", "_compare.json")
     else:
         rows = [measure(preset, args.steps, args.device, precision=p) for preset in args.presets for p in args.precision]

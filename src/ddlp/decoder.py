@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from .nn.blocks import ConvBlock, ConvEncoder, background_decoder_plan, glimpse_decoder_plan, mlp, upsampling_plan
+from .nn.blocks import ConvBlock, ConvEncoder, ConvStack, background_decoder_plan, glimpse_decoder_plan, mlp, upsampling_plan
 from .nn.glimpse import paste, square_masks
 
 
@@ -19,7 +19,7 @@ class GlimpseDecoder(nn.Module):
         super().__init__()
         self.fc = mlp(features_dim, 256, 256, 32 * 8 * 8, final_act=True)
         self.plan = glimpse_decoder_plan(glimpse)
-        self.cnn = nn.Sequential(*[ConvBlock(s) for s in self.plan])
+        self.cnn = ConvStack(*[ConvBlock(s) for s in self.plan])
 
     def forward(self, features: Tensor) -> Tensor:
         return torch.sigmoid(self.cnn(self.fc(features).view(-1, 32, 8, 8)))
@@ -66,9 +66,9 @@ class Background(nn.Module):
         self.encoder_mlp = mlp(32 * f * f, 256, 256, 2 * features_dim)
         self.decoder_mlp = mlp(features_dim, 256, 256, 32 * 8 * 8, final_act=True)
         n_up = max(f.bit_length() - 1 - 3, 0)   # 8x8 -> f x f
-        self.upsample = nn.Sequential(*[ConvBlock(s, replicate_pad) for s in upsampling_plan(n_up)])
+        self.upsample = ConvStack(*[ConvBlock(s, replicate_pad) for s in upsampling_plan(n_up)])
         self.plan = background_decoder_plan(channels)
-        self.decoder_cnn = nn.Sequential(*[ConvBlock(s, replicate_pad) for s in self.plan])
+        self.decoder_cnn = ConvStack(*[ConvBlock(s, replicate_pad) for s in self.plan])
 
     def encoder_mask(self, position: Tensor, transparency: Tensor) -> Tensor:
         """1 where no (visible) particle square covers the pixel: [B, 1, H, W]."""

@@ -10,10 +10,10 @@ traffic_img background encoders) have that shorter layer sequence, so we build i
 from __future__ import annotations
 
 import math
-from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -34,23 +34,82 @@ class LayerSpec:
     bias: bool = False
 
 
-class ConvBlock(nn.Sequential):
-    """[pad] -> conv -> [GroupNorm] -> [ReLU] -> [bilinear x2 upsample]."""
+class _ReplicatePad(torch.autograd.Function):
+    """Replicate padding of a [N, C, H, W] activation, optionally after a ReLU.
+
+    Autocast would run `F.pad(mode="replicate")` in float32 (it is on the CPU's float32 list):
+    two full-tensor casts per layer and a float32 copy kept for backward. Here the padding keeps
+    its input's dtype, saves nothing (its gradient needs only the input's shape) and, with
+    `relu`, keeps only the padded output for the ReLU's gradient: the conv that follows keeps
+    that tensor anyway. Forward values and gradients are those of ReLU + nn.ReplicationPad2d
+    (the same aten kernels).
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, pad: int, relu: bool) -> torch.Tensor:
+        with torch.autocast(x.device.type, enabled=False):
+            y = F.pad(torch.relu(x) if relu else x, (pad,) * 4, mode="replicate")
+        ctx.pad, ctx.relu, ctx.shape = pad, relu, x.shape
+        ctx.format = (torch.channels_last if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+                      else torch.contiguous_format)
+        if relu:
+            ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        p = ctx.pad
+        shape_only = torch.empty(ctx.shape, dtype=grad.dtype, device=grad.device, memory_format=ctx.format)
+        grad_in = torch.ops.aten.replication_pad2d_backward(grad, shape_only, [p] * 4)
+        if ctx.relu:
+            (y,) = ctx.saved_tensors
+            grad_in = torch.ops.aten.threshold_backward(grad_in, y[..., p:-p, p:-p], 0)
+        return grad_in, None, None
+
+
+class ConvBlock(nn.Module):
+    """[replicate pad] -> conv -> [GroupNorm] -> [ReLU] -> [bilinear x2 upsample].
+
+    `forward(x, relu_first=True)` applies the previous block's ReLU before the padding, and
+    `defer_relu=True` leaves this block's ReLU to the next block (see ConvStack)."""
 
     def __init__(self, spec: LayerSpec, replicate_pad: bool = True):
+        super().__init__()
         pad = spec.kernel // 2
-        layers = {}
-        if replicate_pad and pad > 0:
-            layers["pad"] = nn.ReplicationPad2d(pad)
-        layers["conv"] = nn.Conv2d(spec.c_in, spec.c_out, spec.kernel, spec.stride,
-                                   padding=0 if replicate_pad else pad, bias=spec.bias)
-        if spec.norm:
-            layers["norm"] = group_norm(spec.c_out)
-        if spec.act:
-            layers["act"] = nn.ReLU()
-        if spec.upsample:
-            layers["up"] = nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False)
-        super().__init__(OrderedDict(layers))
+        self.pad = pad if replicate_pad else 0
+        self.conv = nn.Conv2d(spec.c_in, spec.c_out, spec.kernel, spec.stride,
+                              padding=0 if replicate_pad else pad, bias=spec.bias)
+        self.norm = group_norm(spec.c_out) if spec.norm else None
+        self.act, self.upsample = spec.act, spec.upsample
+
+    def forward(self, x: torch.Tensor, relu_first: bool = False, defer_relu: bool = False) -> torch.Tensor:
+        if self.pad:
+            x = _ReplicatePad.apply(x, self.pad, relu_first)
+        elif relu_first:
+            x = torch.relu(x)
+        x = self.conv(x)
+        if self.norm is not None:
+            x = self.norm(x)
+        if self.act and not defer_relu:
+            x = torch.relu(x)
+        if self.upsample:
+            x = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
+        return x
+
+
+class ConvStack(nn.Sequential):
+    """ConvBlocks in sequence. Where a block's ReLU feeds the next block's padding directly,
+    the two run as one op that keeps a single activation for backward instead of two."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        blocks = list(self)
+        pending = False
+        for block, nxt in zip(blocks, blocks[1:] + [None]):
+            defer = block.act and not block.upsample and nxt is not None and nxt.pad > 0
+            x = block(x, relu_first=pending, defer_relu=defer)
+            pending = defer
+        return x
 
 
 def encoder_plan(c_in: int, channels: list[int], side: int, first_kernel: int = 3) -> list[LayerSpec]:
@@ -78,7 +137,7 @@ class ConvEncoder(nn.Module):
                  first_kernel: int = 3, replicate_pad: bool = True):
         super().__init__()
         self.plan = encoder_plan(c_in, channels, side, first_kernel)
-        self.layers = nn.Sequential(*[ConvBlock(s, replicate_pad) for s in self.plan])
+        self.layers = ConvStack(*[ConvBlock(s, replicate_pad) for s in self.plan])
         self.keymap = nn.Conv2d(channels[-1], n_out, 1)
         self.out_side = side // 2 ** (len(channels) - 1)
 
