@@ -1,6 +1,6 @@
 """Training throughput, peak memory and rollout time of the paper's presets.
 
-    python benchmarks/train_step.py [--presets balls obj3d128] [--precision fp32 bf16] [--steps 5] [--json out.json]
+    python benchmarks/train_step.py [--presets balls obj3d128] [--precision fp32 bf16] [--low-memory] [--steps 5] [--json out.json]
     python benchmarks/train_step.py --compare HEAD~3 [WORKTREE] [--rounds 3]
 
 Each preset runs in its own process (so peak memory is its own): synthetic clips of moving
@@ -35,7 +35,7 @@ SETTINGS = {  # preset: (batch, frames per clip) as stated in docs/performance.m
 }
 
 
-def run_one(preset: str, steps: int, device: str, precision: str = "fp32") -> dict:
+def run_one(preset: str, steps: int, device: str, precision: str = "fp32", low_memory: bool = False) -> dict:
     import contextlib
 
     import torch
@@ -49,6 +49,7 @@ def run_one(preset: str, steps: int, device: str, precision: str = "fp32") -> di
     batch, frames = SETTINGS[preset]
     cfg = Config.preset(preset, recon_loss_type="mse", timestep_horizon=frames - 1)
     model = build_model(cfg).to(device).train()
+    model.background.low_memory = low_memory     # as `ddlp train --low-memory` sets it
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, eps=cfg.adam_eps)
     x = moving_discs(frames=frames, size=cfg.image_size, batch=batch, seed=0).to(device)
     ones = torch.ones(cfg.timestep_horizon, device=device)
@@ -95,7 +96,7 @@ def run_one(preset: str, steps: int, device: str, precision: str = "fp32") -> di
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
     native, evidence = native_bf16(device)
     return dict(preset=preset, batch=batch, frames=frames, device=device, threads=torch.get_num_threads(),
-                precision=precision, cpu=cpu_model(), native_bf16=native, bf16_evidence=evidence,
+                precision=precision, low_memory=low_memory, cpu=cpu_model(), native_bf16=native, bf16_evidence=evidence,
                 train_step_s=step, clips_per_s=batch / step, train_step_cpu_s=statistics.median(cpu_times), peak_memory_gb=train_peak,
                 peak_memory_with_rollout_gb=peak_all,
                 forward_s=enc_t, rollout_100_frames_s=rollout_t, torch=torch.__version__)
@@ -106,13 +107,15 @@ METRICS = ("train_step_s", "train_step_cpu_s", "peak_memory_gb", "peak_memory_wi
            "rollout_100_frames_s")
 
 
-def measure(preset: str, steps: int, device: str, src: str | None = None, precision: str = "fp32") -> dict:
+def measure(preset: str, steps: int, device: str, src: str | None = None, precision: str = "fp32",
+            low_memory: bool = False) -> dict:
     """run_one in a fresh process, importing ddlp from `src` (default: the installed one)."""
     env = dict(os.environ)
     if src:
         env["PYTHONPATH"] = src + os.pathsep + env.get("PYTHONPATH", "")
     r = subprocess.run([sys.executable, __file__, "--one", preset, "--steps", str(steps),
-                        "--device", device, "--precision", precision], capture_output=True, text=True, env=env)
+                        "--device", device, "--precision", precision] + (["--low-memory"] if low_memory else []),
+                       capture_output=True, text=True, env=env)
     if r.returncode:
         sys.exit(r.stderr)
     return json.loads(r.stdout.strip().splitlines()[-1])
@@ -131,23 +134,24 @@ def checkout(rev: str, into: Path) -> str:
 
 
 def print_table(rows: list[dict]) -> None:
-    print(f"{'preset':<12} {'precision':<9} {'batch x T':>9} {'step (s)':>9} {'clips/s':>8} {'peak (GB)':>9} "
+    print(f"{'preset':<12} {'precision':<13} {'batch x T':>9} {'step (s)':>9} {'clips/s':>8} {'peak (GB)':>9} "
           f"{'fwd (s)':>8} {'rollout100 (s)':>14}")
     for r in rows:
-        print(f"{r['preset']:<12} {r.get('precision', 'fp32'):<9} {r['batch']:>4} x {r['frames']:<3} {r['train_step_s']:>9.2f} "
+        mode = r.get('precision', 'fp32') + ('+lowmem' if r.get('low_memory') else '')
+        print(f"{r['preset']:<12} {mode:<13} {r['batch']:>4} x {r['frames']:<3} {r['train_step_s']:>9.2f} "
               f"{r['clips_per_s']:>8.2f} {r['peak_memory_gb']:>9.2f} {r['forward_s']:>8.2f} "
               f"{r['rollout_100_frames_s']:>14.2f}")
 
 
 def compare(revs: list[str], presets: list[str], steps: int, rounds: int, device: str,
-            precision: str = "fp32") -> dict:
+            precision: str = "fp32", low_memory: bool = False) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         srcs = {rev: checkout(rev, Path(tmp)) for rev in revs}
         runs = {(rev, p): [] for rev in revs for p in presets}
         for i in range(rounds):
             for preset in presets:
                 for rev in revs:
-                    runs[rev, preset].append(measure(preset, steps, device, srcs[rev], precision))
+                    runs[rev, preset].append(measure(preset, steps, device, srcs[rev], precision, low_memory))
                     print(f"round {i + 1}/{rounds} {preset} {rev} {precision}: "
                           f"{runs[rev, preset][-1]['train_step_s']:.2f} s/step", file=sys.stderr)
     med = {k: {m: statistics.median(r[m] for r in v) for m in METRICS} for k, v in runs.items()}
@@ -157,7 +161,7 @@ def compare(revs: list[str], presets: list[str], steps: int, rounds: int, device
         for m in METRICS:
             x, y = med[a, preset][m], med[b, preset][m]
             print(f"{preset:<10} {m:<22} {x:>12.3f} {y:>12.3f} {y / x:>7.2f}")
-    return dict(revisions=revs, rounds=rounds, precision=precision, medians={f"{rev}:{p}": v for (rev, p), v in med.items()},
+    return dict(revisions=revs, rounds=rounds, precision=precision, low_memory=low_memory, medians={f"{rev}:{p}": v for (rev, p), v in med.items()},
                 runs={f"{rev}:{p}": v for (rev, p), v in runs.items()})
 
 
@@ -172,10 +176,12 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3, help="alternating rounds for --compare")
     ap.add_argument("--precision", nargs="+", default=["fp32"], choices=["fp32", "bf16"],
                     help="fp32 and/or bf16 (torch.autocast around forward, loss and rollout); each is measured")
+    ap.add_argument("--low-memory", action="store_true",
+                    help="recompute the background CNNs in backward, as `ddlp train --low-memory` does")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
-        print(json.dumps(run_one(args.one, args.steps, args.device, args.precision[0])))
+        print(json.dumps(run_one(args.one, args.steps, args.device, args.precision[0], args.low_memory)))
         return
     from ddlp.nn.precision import cpu_model, native_bf16
     native, evidence = native_bf16(args.device)
@@ -188,10 +194,10 @@ def main() -> None:
             ap.error("--compare takes one or two revisions")
         if len(args.precision) != 1:
             ap.error("--compare takes one --precision")
-        result = compare(revs, args.presets, args.steps, args.rounds, args.device, args.precision[0])
+        result = compare(revs, args.presets, args.steps, args.rounds, args.device, args.precision[0], args.low_memory)
         out = args.json.replace(".json", "_compare.json")
     else:
-        rows = [measure(preset, args.steps, args.device, precision=p) for preset in args.presets for p in args.precision]
+        rows = [measure(preset, args.steps, args.device, precision=p, low_memory=args.low_memory) for preset in args.presets for p in args.precision]
         print_table(rows)
         result, out = dict(results=rows), args.json
     with open(out, "w") as f:
