@@ -49,7 +49,7 @@ def run_one(preset: str, steps: int, device: str, precision: str = "fp32", low_m
     batch, frames = SETTINGS[preset]
     cfg = Config.preset(preset, recon_loss_type="mse", timestep_horizon=frames - 1)
     model = build_model(cfg).to(device).train()
-    model.background.low_memory = low_memory     # as `ddlp train --low-memory` sets it
+    model.low_memory = low_memory     # as `ddlp train --low-memory` sets it
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, eps=cfg.adam_eps)
     x = moving_discs(frames=frames, size=cfg.image_size, batch=batch, seed=0).to(device)
     ones = torch.ones(cfg.timestep_horizon, device=device)
@@ -177,7 +177,7 @@ def main() -> None:
     ap.add_argument("--precision", nargs="+", default=["fp32"], choices=["fp32", "bf16"],
                     help="fp32 and/or bf16 (torch.autocast around forward, loss and rollout); each is measured")
     ap.add_argument("--low-memory", action="store_true",
-                    help="recompute the background CNNs in backward, as `ddlp train --low-memory` does")
+                    help="recompute the decoders' activations in backward, as `ddlp train --low-memory` does")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:

@@ -1,9 +1,11 @@
 """`ddlp diffuse stats|train|sample` end to end on a tiny DDLP, and the bad-input messages."""
 import json
+import math
 
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import load_file
 
 from ddlp.cli import main
 from ddlp.config import Config
@@ -46,6 +48,9 @@ def test_train_then_sample_writes_videos(ddlp_dir, tmp_path, capsys):
     assert latents.clips == 4 and latents.frames == TAU          # one clip per episode (its first frames)
     assert latents.fingerprint == config["ddlp_fingerprint"]
 
+    assert run("sample", out, "--num", 1, "--frames", 6, "--precision", "bf16", "--out", out / "bf16",
+               "--no-progress") == 0
+    assert len(list((out / "bf16").glob("video-*.gif"))) == 1
     assert run("sample", out, "--num", 3, "--frames", 7, "--batch-size", 2, "--no-progress") == 0
     text = capsys.readouterr().out
     assert "sampling" in text and "PINT unroll" in text and "decoding" in text
@@ -107,3 +112,14 @@ def test_sample_refuses_too_few_frames_and_another_ddlp(ddlp_dir, tmp_path, caps
     assert "different DDLP" in capsys.readouterr().err
     assert run("sample", out, "--sampler", "ddpm", "--steps", 2, "--num", 1, "--frames", TAU) == 2
     assert "use --sampler ddim" in capsys.readouterr().err
+
+
+def test_train_in_bf16(ddlp_dir, tmp_path):
+    out = tmp_path / "run"
+    assert run("train", "--ddlp", ddlp_dir / "ddlp", "--run-dir", out, "--max-steps", 2, "--diffusion-steps", 4,
+               "--frames", TAU, "--preview-every", 0, "--precision", "bf16", "--no-progress") == 0
+    losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()
+              if "loss" in json.loads(line)]
+    assert losses and all(math.isfinite(v) and v > 0 for v in losses)
+    weights = load_file(out / "model" / "model.safetensors")
+    assert all(w.dtype == torch.float32 for w in weights.values())

@@ -232,3 +232,13 @@ def test_use_last_takes_the_latest_checkpoint_of_a_run(setup, tmp_path, capsys):
     assert main(["tune-pint", str(root / "run"), "--use-last", "--data.root", str(data), "--out",
                  str(tmp_path / "tuned"), "--steps", "1", "--clips", "2", "--batch-size", "2"]) == 0
     assert "step-00000002" in capsys.readouterr().out and (tmp_path / "tuned" / "config.json").is_file()
+
+
+def test_evaluate_in_bf16_records_its_precision(setup, tmp_path, capsys):
+    root, data = setup
+    rc = main(["evaluate", str(root / "run"), "--data.root", str(data), "--cond", "4", "--horizon", "14",
+               "--no-lpips", "--no-progress", "--precision", "bf16", "--out", str(tmp_path)])
+    assert rc == 0, capsys.readouterr().err
+    saved = json.loads((tmp_path / "balls_test_metrics.json").read_text())
+    assert saved["precision"] == "bf16"
+    assert math.isfinite(saved["summary"]["psnr"]) and math.isfinite(saved["summary"]["med10"])

@@ -262,20 +262,29 @@ def test_no_tracking_encodes_each_frame_alone():
     assert ablated(x).dynamics.position.shape == (2, 3, ablated.config.n_kp_enc, 2)
 
 
-def test_low_memory_background_gives_the_same_gradients():
+@pytest.mark.parametrize("noisy", [False, True])
+def test_low_memory_gives_the_same_gradients_and_keeps_less(noisy):
     torch.manual_seed(0)
     cfg = Config.preset("balls_small", timestep_horizon=5)
     model = build_model(cfg)
     x = torch.rand(1, 6, 3, 64, 64)
-    grads = []
+    grads, kept = [], []
     for low in (False, True):
         model.zero_grad()
-        model.background.low_memory = low
+        model.low_memory = low
         torch.manual_seed(1)
-        elbo(model(x), x, cfg)["loss"].backward()
+        sizes = {}
+        def keep(t):
+            sizes[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+        with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+            loss = elbo(model(x, noisy=noisy), x, cfg, noisy=noisy)["loss"]
+        kept.append(sum(sizes.values()))
+        loss.backward()
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
-    assert torch.allclose(grads[0], grads[1], rtol=1e-4, atol=1e-5)
+    assert torch.allclose(grads[0], grads[1], rtol=1e-4, atol=1e-5)   # noisy: the same noise replayed
     assert grads[0].abs().sum() > 0
+    assert kept[1] < 0.4 * kept[0], kept
 
 
 def test_encoder_heads_follow_the_hidden_width():

@@ -139,3 +139,20 @@ def test_predict_use_last_takes_the_runs_latest_checkpoint(model_and_clip, tmp_p
         info = json.loads((out / "particles.json").read_text())["checkpoint"]
         assert info["source"] == source and info["run"] == str(run)
     assert info["path"].endswith("step-00000007") and info["step"] == 7
+
+
+@pytest.mark.parametrize("precision", ["bf16", "auto"])
+def test_predict_in_bf16(model_and_clip, tmp_path, precision):
+    root, model, clip = model_and_clip
+    outs = {}
+    for p in ("fp32", precision):
+        out = tmp_path / p
+        assert main(["predict", str(root / "model"), "--input", str(clip), "--cond", "4", "--horizon", "8",
+                     "--out", str(out), "--formats", "gif", "--precision", p]) == 0
+        outs[p] = np.load(out / "particles.npz")
+        from ddlp.nn.precision import native_bf16
+        chosen = "bf16" if p == "bf16" or (p == "auto" and native_bf16()[0]) else "fp32"
+        assert json.loads((out / "particles.json").read_text())["precision"] == chosen
+    for key in ("position", "scale", "transparency"):
+        low, ref = outs[precision][key], outs["fp32"][key]
+        assert low.dtype == ref.dtype == np.float32 and low.shape == ref.shape and np.isfinite(low).all()

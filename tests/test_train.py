@@ -334,3 +334,33 @@ def test_precision_auto_follows_the_hardware(monkeypatch):
         monkeypatch.setattr(builtins, "open", lambda f, *a, **k: io.StringIO(fake) if f == "/proc/cpuinfo"
                             else real_open(f, *a, **k))
         assert P.resolve_precision("auto", "cpu") == expected and P.cpu_model() == "Test CPU"
+
+
+def test_cli_low_memory_and_bf16_reach_the_training_step(tmp_path, monkeypatch):
+    """`ddlp train --low-memory --precision bf16`: the training steps and the validation run with the
+    model's decoders recomputed in backward and under bf16 autocast, in this process (after other
+    Trainers of other precisions: accelerate's per-process precision is not used for bf16)."""
+    from ddlp import train as training
+    from ddlp.cli import main
+    from ddlp.data.balls import write_balls
+    write_balls(tmp_path / "balls", episodes={"train": 1, "val": 1, "test": 1}, seqlen=12, progress=False)
+    seen = []
+    original = training.Objective.forward
+
+    def spy(self, *args, **kwargs):
+        seen.append((torch.is_grad_enabled(), self.model.low_memory, torch.is_autocast_enabled("cpu"),
+                     torch.get_autocast_dtype("cpu")))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(training.Objective, "forward", spy)
+    for precision in ("no", "bf16"):
+        seen.clear()
+        assert main(["train", "--preset", "balls_small", "--data.root", str(tmp_path / "balls"), "--low-memory",
+                     "--precision", precision, "--run-dir", str(tmp_path / precision), "--max-steps", "2",
+                     "--workers", "0", "--no-progress", "--no-figures", "--set", "pint_dim=16", "--set",
+                     "pint_heads=2", "--batch-size", "2", "--epoch-steps", "2"]) == 0
+        train_steps = [s for s in seen if s[0]]
+        assert len(train_steps) == 2 and len(seen) > 2          # two training steps, then validation
+        assert all(s[1] for s in seen)
+        assert all(s[2] == (precision == "bf16") for s in seen)
+        assert precision == "no" or all(s[3] == torch.bfloat16 for s in seen)

@@ -307,3 +307,15 @@ def test_the_default_burn_in_is_the_models(tmp_path, capsys):
                  "--out", str(tmp_path / "out")]) == 0
     record = json.loads((tmp_path / "out" / "edits.json").read_text())
     assert record["cond_steps"] == 3 and record["edit_frames"] == [0, 3]
+
+
+def test_cli_what_if_in_bf16(model_dirs, tmp_path, capsys):
+    out = tmp_path / "out"
+    rc = main(["what-if", str(model_dirs / "ddlp"), "--balls", "0", "--move", "2:-0.2,0", "--horizon", "3",
+               "--precision", "bf16", "--out", str(out)])
+    assert rc == 0, capsys.readouterr().err
+    assert json.loads((out / "edits.json").read_text())["precision"] == "bf16"
+    rows = list(csv.DictReader(open(out / "trajectories.csv")))
+    x = {(r["rollout"], int(r["t"]), int(r["particle"])): float(r["x"]) for r in rows}
+    assert x[("edited", 0, 2)] - x[("original", 0, 2)] == pytest.approx(-0.2, abs=1e-4)   # edits stay exact
+    assert all(np.isfinite(float(r["x"])) for r in rows)

@@ -522,6 +522,7 @@ class EvalOptions:
     fvd_i3d: Optional[str] = None
     baselines: bool = False
     out_dir: Optional[str] = None
+    precision: str = "fp32"                 # fp32, bf16 or auto (nn.precision.autocast)
     progress: bool = True
 
 
@@ -579,8 +580,10 @@ def evaluate_checkpoint(path: str | Path, opts: Optional[EvalOptions] = None) ->
     elif lpips.provenance is not None:
         from .metrics.lpips import provenance_line
         print(f"LPIPS weights: {provenance_line(lpips.provenance)}")
-    scores = score_rollouts(model, loader, protocol, lpips, med=opts.med, i3d=i3d, progress=opts.progress,
-                            total=len(loader), baselines=opts.baselines)
+    from .nn.precision import autocast, inference_precision
+    with autocast(opts.precision, device):
+        scores = score_rollouts(model, loader, protocol, lpips, med=opts.med, i3d=i3d, progress=opts.progress,
+                                total=len(loader), baselines=opts.baselines)
     med_reason = None if opts.med else "disabled (--no-med)"
     metrics = summarize(scores, protocol, lpips_reason, med_reason,
                         lpips_weights=lpips.provenance if lpips is not None else None)
@@ -597,7 +600,8 @@ def evaluate_checkpoint(path: str | Path, opts: Optional[EvalOptions] = None) ->
         "data": {"dataset": name, "root": str(root), "split": opts.split, "videos": scores.videos,
                  "frames_per_clip": length, "image_size": config.image_size},
         "paper": PAPER_RESULTS.get(name, {}),
-        "device": str(device), "elapsed_s": round(time.time() - t0, 2), "ddlp_version": __version__,
+        "device": str(device), "precision": inference_precision(opts.precision, device),
+        "elapsed_s": round(time.time() - t0, 2), "ddlp_version": __version__,
     }
     out_dir = Path(opts.out_dir) if opts.out_dir else Path(info.get("run", info["path"])) / "eval"
     write_report(results, out_dir, f"{name}_{opts.split}")

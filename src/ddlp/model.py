@@ -13,6 +13,7 @@ from typing import Optional
 
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from .config import Config
 from .decoder import Background, Foreground, GlimpseDecoder, stitch
@@ -47,6 +48,11 @@ def _flat(t: Tensor, n: int) -> Tensor:
 
 class ParticleModel(nn.Module):
     """Parts shared by DLP and DDLP: keypoint proposer, glimpse encoders, decoders, background."""
+
+    # Training option (`ddlp train --low-memory`): recompute the decoders' activations in backward
+    # instead of keeping them. The background CNNs at full resolution and the pasted glimpses hold
+    # most of a step's activations for a fifth of its compute (docs/performance.md).
+    low_memory: bool = False
 
     def __init__(self, config: Config):
         super().__init__()
@@ -98,8 +104,16 @@ class ParticleModel(nn.Module):
             prev_scale=None if prev is None else prev.particles.scale.detach(), refine=refine,
             describe=describe)
 
+    def _recompute_in_backward(self, fn, *args):
+        if self.low_memory and torch.is_grad_enabled():
+            return checkpoint(fn, *args, use_reentrant=False)   # replays the RNG too (noisy alpha)
+        return fn(*args)
+
     def decode_foreground(self, p: Particles, noisy: bool = False) -> Foreground:
         """Stitched particles for particles of any leading shape."""
+        return self._recompute_in_backward(self._decode_foreground, p, noisy)
+
+    def _decode_foreground(self, p: Particles, noisy: bool) -> Foreground:
         lead = p.batch_shape
         n = len(lead)
         K, g = p.num_particles, self.config.glimpse_size
@@ -115,14 +129,14 @@ class ParticleModel(nn.Module):
         lead = p.batch_shape
         n = len(lead)
         mask = self.background.encoder_mask(_flat(p.position, n), _flat(p.transparency, n))
-        mu, logvar = self.background.encode(_flat(x, n), mask)
+        mu, logvar = self._recompute_in_backward(self.background.encode, _flat(x, n), mask)
         z = reparameterize(mu, logvar, deterministic)
         view = lambda t: t.view(*lead, *t.shape[1:])  # noqa: E731
         return p.replace(bg_features=view(z), bg_mu=view(mu), bg_logvar=view(logvar)), view(mask)
 
     def decode_background(self, features: Tensor) -> Tensor:
         """Background features [..., F] -> images [..., 3, H, W]."""
-        bg = self.background.decode(features.reshape(-1, features.shape[-1]))
+        bg = self._recompute_in_backward(self.background.decode, features.reshape(-1, features.shape[-1]))
         return bg.view(*features.shape[:-1], *bg.shape[1:])
 
     def reconstruct(self, x: Tensor, p: Particles, proposals: Tensor, glimpses: Tensor, *,

@@ -141,11 +141,14 @@ def predict(checkpoint: str | os.PathLike, input_path: str | os.PathLike, out_di
             cond: Optional[int] = None, horizon: Optional[int] = None, deterministic: bool = True,
             boxes: bool = False, trajectories: bool = True, trail: int = 10, fps: float = 10,
             formats: tuple[str, ...] = ("gif", "mp4"), use_last: bool = False,
-            device: Optional[str] = None, episode: Optional[int] = None, split: str = "test") -> dict:
+            device: Optional[str] = None, episode: Optional[int] = None, split: str = "test",
+            precision: str = "fp32") -> dict:
     """Everything `ddlp predict` does; returns the written paths and a few facts. `episode` and
-    `split` pick the clip where `input_path` holds several (data.reader.read_clip)."""
+    `split` pick the clip where `input_path` holds several (data.reader.read_clip); `precision`:
+    fp32, bf16 or auto (nn.precision.autocast)."""
     from .data.reader import read_clip
     from .checkpoint import load_video_model
+    from .nn.precision import autocast, inference_precision
     from .viz import save_video
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, info = load_video_model(checkpoint, use_last, device)
@@ -153,7 +156,8 @@ def predict(checkpoint: str | os.PathLike, input_path: str | os.PathLike, out_di
     cond = cond or c.cond_steps
     horizon = horizon or max(c.animation_horizon, cond + 1)
     frames = read_clip(input_path, size=c.image_size, episode=episode, split=split)
-    pred, particles = predict_clip(model, frames, cond, horizon, deterministic)
+    with autocast(precision, device):
+        pred, particles = predict_clip(model, frames, cond, horizon, deterministic)
     gt = frames[:horizon]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -166,7 +170,8 @@ def predict(checkpoint: str | os.PathLike, input_path: str | os.PathLike, out_di
         except ImportError as e:                  # no imageio-ffmpeg: keep the GIF and say why
             skipped[fmt] = str(e)
     meta = {"input": str(input_path), "episode": episode, "checkpoint": info, "image_size": c.image_size, "cond_steps": cond,
-            "horizon": horizon, "input_frames": int(frames.shape[0]), "deterministic": deterministic}
+            "horizon": horizon, "input_frames": int(frames.shape[0]), "deterministic": deterministic,
+            "precision": inference_precision(precision, device)}
     save_particles(particle_arrays(particles, cond, c.image_size), meta, out / "particles.npz",
                    out / "particles.json")
     written.update(npz=str(out / "particles.npz"), json=str(out / "particles.json"))

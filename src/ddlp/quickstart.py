@@ -49,13 +49,14 @@ def run(out_dir: str = "runs/quickstart", data_dir: str = "data/balls", minutes:
         workers: int = 1, max_steps: int | None = None, pint_steps: int | None = None,
         position_only_trunk: bool = True, pint_velocity_input: bool = True, spread_anchors: bool = True,
         gif_episodes: int = 4,
-        grad_clip: float | None = 1000.0,
+        grad_clip: float | None = 1000.0, precision: str = "no",
         cond: int = PAPER_PROTOCOLS["balls"][0], horizon: int = PAPER_PROTOCOLS["balls"][1],
         progress: bool = True, **overrides) -> dict:
     """Everything the README's main command does. `overrides` change the balls_small config;
     `max_steps` / `pint_steps` cap the joint / PINT phases in steps as well as in time.
 
-    Gradients are clipped at `grad_clip` (2-4x their typical norm of 200-550 here): with batches
+    `precision` of the joint phase: fp32 by default, since at this model's size bf16 autocast buys
+    no speed on a CPU (docs/performance.md). Gradients are clipped at `grad_clip` (2-4x their typical norm of 200-550 here): with batches
     of 2 at lr 2e-3 a rare spike can otherwise send the transparency head off.
     `position_only_trunk`: see ddlp.pint_tuning.tune_pint. `pint_velocity_input`: the PINT of
     the PINT phase (and of the final model) embeds each particle's last move; `spread_anchors`:
@@ -75,7 +76,7 @@ def run(out_dir: str = "runs/quickstart", data_dir: str = "data/balls", minutes:
           f"{len(train_set)} training clips of {config.timestep_horizon + 1} frames")
     trainer = Trainer(config, train_set, BallsDataset(root, "val"), TrainOptions(
         run_dir=str(out), max_minutes=budget["joint"], max_steps=max_steps, num_workers=workers,
-        grad_clip=grad_clip, progress=progress))
+        grad_clip=grad_clip, progress=progress, precision=precision))
     setup = time.time() - t0
     start, joint_stopped = time.time(), None
     try:

@@ -47,9 +47,9 @@ class TrainOptions:
     max_steps: Optional[int] = None         # stop after this many optimizer steps
     max_minutes: Optional[float] = None     # stop (after a checkpoint) when this much time has passed
     num_workers: int = 2
-    precision: str = "no"                   # 'no', 'bf16', 'fp16' (accelerate autocast) or 'auto' (bf16 where native)
+    precision: str = "auto"                 # 'auto': bf16 where the hardware has it natively, else fp32; 'no' (fp32), 'bf16', 'fp16'
     compile: bool = False
-    low_memory: bool = False                # recompute the background CNNs in backward (less RAM)
+    low_memory: bool = False                # recompute the decoders' activations in backward (less RAM)
     grad_accum: int = 1
     grad_clip: Optional[float] = None       # clip the global gradient norm (the official code does not)
     checkpoint_every: int = 500             # steps
@@ -140,12 +140,15 @@ class Trainer:
         # Without a GPU, accelerate only forms a multi-process (gloo) group when told cpu=True.
         device = "cuda" if torch.cuda.is_available() else "cpu"
         self.precision, self.precision_reason = resolve_precision(self.opt.precision, device)
-        self.acc = Accelerator(mixed_precision=self.precision, cpu=device == "cpu",
+        # bf16 is plain autocast here (Trainer.autocast): accelerate keeps one mixed precision per
+        # process, and another Trainer in the same process (a notebook, the quickstart after a
+        # test run) may ask for another. fp16 needs accelerate's gradient scaler.
+        self.acc = Accelerator(mixed_precision="fp16" if self.precision == "fp16" else "no", cpu=device == "cpu",
                                gradient_accumulation_steps=self.opt.grad_accum)
         set_seed(config.seed)
         self._check_writable()
         self.model = model or build_model(config)
-        self.model.background.low_memory = self.opt.low_memory
+        self.model.low_memory = self.opt.low_memory
         self.loss_fn = Objective(self.model, self.opt.vgg_weights)   # unwrapped; prepare() may wrap it
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.Adam(params, lr=config.lr, betas=tuple(config.adam_betas),
@@ -241,6 +244,12 @@ class Trainer:
         return True
 
     # -------------------------------------------------------------------- evaluation
+    def autocast(self):
+        """The training precision's autocast context (fp32: none)."""
+        if self.precision == "bf16":
+            return torch.autocast(self.acc.device.type, dtype=torch.bfloat16)
+        return self.acc.autocast()
+
     @torch.no_grad()
     def evaluate(self) -> dict:
         """Validation ELBO (stochastic posterior, no warm-up, all future frames weighted 1) and
@@ -258,7 +267,8 @@ class Trainer:
             if i >= self.opt.eval_batches:
                 break
             x = self._clip(batch_frames(batch)).to(self.acc.device)
-            logs, _ = self.loss_fn(x, False, False, None)
+            with self.autocast():
+                logs, _ = self.loss_fn(x, False, False, None)
             for k, v in logs.items():
                 totals[k] = totals.get(k, 0.0) + float(v)
             if self.config.is_video:
@@ -329,7 +339,7 @@ class Trainer:
                 x = batch_frames(batch).to(acc.device, non_blocking=True)
                 first_batch = first_batch if first_batch is not None else batch
                 disc = future_weights(self.iteration, c, self.steps_per_epoch, acc.device) if c.is_video else None
-                with acc.accumulate(self.objective), acc.autocast():
+                with acc.accumulate(self.objective), self.autocast():
                     logs, out = self.forward(x, warmup, noisy, disc)
                     loss = logs["loss"]
                     if not torch.isfinite(loss):

@@ -6,6 +6,8 @@ import json
 import time
 from pathlib import Path
 
+from . import add_precision_option
+
 
 def _threads(args) -> None:
     if getattr(args, "threads", None):
@@ -74,7 +76,7 @@ def cmd_train(args) -> int:
             raise ValueError("pass --ddlp RUN_OR_MODEL_DIR (the trained DDLP), or --resume to continue a run")
     opts = DiffusionTrainOptions(run_dir=args.run_dir, max_steps=args.max_steps, max_minutes=args.max_minutes,
                                  checkpoint_every=args.checkpoint_every, preview_every=args.preview_every,
-                                 progress=not args.no_progress, device=args.device)
+                                 progress=not args.no_progress, device=args.device, precision=args.precision)
     trainer = prepare_run(args.ddlp, opts, data_root=args.data_root, stats_path=args.stats,
                           overrides=_overrides(args), clips=args.clips, max_clips=args.max_clips,
                           resume=args.resume)
@@ -118,6 +120,7 @@ def cmd_sample(args) -> int:
     import torch
 
     from ..diffusion.sampler import generate
+    from ..nn.precision import autocast
     from ..viz import grid, rollout_frames, save_figure, save_video, to_pil
     _threads(args)
     run = Path(args.run_dir)
@@ -137,8 +140,9 @@ def cmd_sample(args) -> int:
     firsts, totals, written = [], [], []
     for start in range(0, args.num, args.batch_size):
         n = min(args.batch_size, args.num - start)
-        video, particles, timings = generate(model, ddlp, n, args.frames, args.sampler, args.steps, args.eta, g,
-                                             progress=not args.no_progress)
+        with autocast(args.precision, device):
+            video, particles, timings = generate(model, ddlp, n, args.frames, args.sampler, args.steps, args.eta,
+                                                 g, progress=not args.no_progress)
         totals.append(timings)
         for i, clip in enumerate(video):
             plain = [to_pil(f, zoom) for f in clip]
@@ -231,6 +235,7 @@ def add_parser(sub) -> None:
     t.add_argument("--seed", type=int)
     t.add_argument("--checkpoint-every", type=int, default=1000, help="steps between checkpoints (default 1000)")
     t.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    add_precision_option(t, "the denoiser's training step")
     t.add_argument("--preview-every", type=int, default=1000,
                    help="steps between preview figures (DDIM-50 EMA samples, first tau frames); 0: none")
     _data(t)
@@ -258,6 +263,7 @@ def add_parser(sub) -> None:
     g.add_argument("--ddlp", help="the DDLP model directory (default RUN_DIR/ddlp)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--device", help="cpu (default), cuda, ...")
+    add_precision_option(g, "sampling, the PINT unroll and decoding")
     _common(g)
     g.set_defaults(fn=cmd_sample)
 

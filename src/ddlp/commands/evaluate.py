@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 
+from . import add_precision_option
+
 EPILOG = """\
 Protocol (as the paper's tables): deterministic rollout conditioned on --cond frames, predicted
 frames t in [cond, horizon) scored, mean +- std over all (video, frame) pairs. Defaults per dataset:
@@ -28,7 +30,7 @@ def cmd_evaluate(args) -> int:
                        max_videos=args.max_videos, deterministic=not args.sample, use_last=args.use_last,
                        device=args.device, lpips=not args.no_lpips, vgg_weights=args.vgg_weights,
                        lpips_weights=args.lpips_weights, download=not args.offline, fvd_i3d=args.fvd_i3d,
-                       baselines=args.baselines,
+                       baselines=args.baselines, precision=args.precision,
                        out_dir=args.out, progress=not args.no_progress)
     results = evaluate_checkpoint(args.checkpoint, opts)
     print(format_summary(results))
@@ -56,6 +58,7 @@ def add_parser(sub) -> None:
     p.add_argument("--use-last", action="store_true", help="in a run directory, use the latest checkpoint "
                    "instead of best/")
     p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    add_precision_option(p, "the rollouts and metrics")
     p.add_argument("--no-lpips", action="store_true", help="skip LPIPS")
     p.add_argument("--vgg-weights", help="ImageNet VGG-16 weights for LPIPS: torchvision's vgg16-397923af.pth or "
                    "the file `ddlp lpips-weights` writes")

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 
+from . import add_precision_option
+
 EPILOG = """\
 outputs (in --out): prediction.gif and prediction.mp4 (ground truth beside the prediction,
 particles with their trails; conditioning frames framed green, predictions red), particles.npz
@@ -25,7 +27,7 @@ def cmd_predict(args) -> int:
     res = predict(args.checkpoint, args.input, args.out, cond=args.cond, horizon=args.horizon,
                   deterministic=not args.sample, boxes=args.boxes, trajectories=not args.no_trajectories,
                   trail=args.trail, fps=args.fps, formats=formats, use_last=args.use_last, device=args.device,
-                  episode=args.episode, split=args.split)
+                  episode=args.episode, split=args.split, precision=args.precision)
     print(f"conditioned on {res['cond']} of {res['input_frames']} input frames, {res['horizon'] - res['cond']} "
           f"predicted (horizon {res['horizon']})")
     if res["ground_truth_frames"] < res["horizon"]:
@@ -62,4 +64,5 @@ def add_parser(sub) -> None:
     p.add_argument("--use-last", action="store_true", help="in a run directory, use the latest checkpoint "
                    "instead of best/")
     p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    add_precision_option(p)
     p.set_defaults(fn=cmd_predict)

@@ -73,13 +73,15 @@ def add_parser(sub) -> None:
     p.add_argument("--batch-size", type=int)
     p.add_argument("--seed", type=int)
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override any config key (repeatable)")
-    p.add_argument("--precision", default="no", choices=["no", "bf16", "fp16", "auto"],
-                   help="autocast precision: no (fp32, the default), bf16, fp16, or auto (bf16 where the hardware "
-                   "has it natively: AMX/AVX512-BF16 CPUs, GPUs of compute capability 8+; else fp32)")
+    p.add_argument("--precision", default="auto", choices=["auto", "no", "bf16", "fp16"],
+                   help="autocast precision: auto (the default: bf16 where the hardware has it natively, i.e. "
+                   "AMX/AVX512-BF16 CPUs and GPUs of compute capability 8+, else fp32), no (fp32), bf16, fp16; "
+                   "the run's log and metrics.jsonl say which was used")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (GPU only: torch "
                    "2.13 cannot compile its backward on the CPU)")
-    p.add_argument("--low-memory", action="store_true", help="recompute the background CNNs in the "
-                   "backward pass: about half the activation memory for ~15%% more compute")
+    p.add_argument("--low-memory", action="store_true", help="recompute the decoders (background CNNs, "
+                   "glimpse decoding and pasting) in the backward pass: about half the activations kept, for "
+                   "10-15%% more time per step (docs/performance.md)")
     p.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation steps")
     p.add_argument("--grad-clip", type=float, help="clip the global gradient norm to this value "
                    "(default: no clipping, as the official code)")

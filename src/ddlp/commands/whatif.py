@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 
+from . import add_precision_option
+
 # flag -> (value syntax, help); K may be a comma list such as 3,5
 EDIT_FLAGS = {
     "move": ("K:DX,DY", "shift right by DX and down by DY, in [-1, 1] image units (0.2 = a tenth of the width)"),
@@ -105,6 +107,7 @@ def cmd_what_if(args) -> int:
     import time
     from pathlib import Path
 
+    from ..nn.precision import autocast, inference_precision
     from ..storage import atomic_write
     from ..viz import save_figure, save_video
     from ..whatif import burn_in, load_ddlp, side_by_side_frames, trajectory_figure, what_if, write_trajectories
@@ -116,8 +119,9 @@ def cmd_what_if(args) -> int:
         raise ValueError(f"need --horizon >= 0 and --cond-steps >= 1, got {args.horizon} and {args.cond_steps}")
     clip, name = load_input(args, model.config.image_size)
     t0 = time.time()
-    result = what_if(model, clip, edits, args.horizon, cond_steps=args.cond_steps, edit_frames=span,
-                     progress=True)
+    with autocast(args.precision, next(model.parameters()).device):
+        result = what_if(model, clip, edits, args.horizon, cond_steps=args.cond_steps, edit_frames=span,
+                         progress=True)
     dt = time.time() - t0
     out = Path(args.out)
     video = save_video(side_by_side_frames(result, particles=not args.no_particles),
@@ -126,7 +130,8 @@ def cmd_what_if(args) -> int:
     fig = save_figure(trajectory_figure(result), out / "trajectories.png")
     record = dict(checkpoint=str(args.checkpoint), input=name, start=args.start, cond_steps=result.cond_steps,
                   edit_frames=list(result.edit_frames), horizon=args.horizon,
-                  edits=[e.to_dict() for e in result.edits])
+                  edits=[e.to_dict() for e in result.edits],
+                  precision=inference_precision(args.precision, next(model.parameters()).device))
     atomic_write(out / "edits.json", lambda p: Path(p).write_text(json.dumps(record, indent=2)))
     diff = float((result.original - result.edited).abs().mean())
     print(f"{len(edits)} edit(s) on particles {result.touched or '-'} over frames "
@@ -162,6 +167,7 @@ def add_parser(sub) -> None:
     p.add_argument("--out", default="outputs/what-if", help="output folder (default outputs/what-if)")
     p.add_argument("--format", choices=["gif", "mp4"], default="gif", help="video format (default gif)")
     p.add_argument("--fps", type=float, default=10, help="frames per second of the video (default 10)")
+    add_precision_option(p, "the rollouts")
     p.add_argument("--no-particles", action="store_true", help="do not draw particles and trails")
     edits = p.add_argument_group("edits (repeatable, applied in the order given; K may be a list: 3,5)")
     for kind, (syntax, hlp) in EDIT_FLAGS.items():

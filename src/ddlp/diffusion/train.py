@@ -27,6 +27,7 @@ from torch import Tensor
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from ..checkpoint import load_state, rng_state, set_rng_state, write_checkpoint
+from ..nn.precision import autocast, full_precision
 from ..storage import atomic_write, save_pretrained
 from .latents import STATS_FILE, LatentStats, default_clips, encode_dataset, fingerprint, load_tokens, save_tokens
 from .model import DiffuseDDLP, DiffusionConfig, load_ddlp, resolve_ddlp_dir
@@ -47,6 +48,7 @@ class DiffusionTrainOptions:
     log_every: int = 50
     progress: bool = True
     device: Optional[str] = None           # default: cuda when available, else cpu
+    precision: str = "fp32"                # fp32, bf16 or auto: autocast of the denoiser's forward and loss
 
 
 def ema_decay(step: int, config: DiffusionConfig) -> float:
@@ -106,7 +108,8 @@ class DiffusionTrainer:
         model, c = self.model, self.config
         model.train()
         x0 = self.data[self.batch_indices(self.step)]
-        loss = model.loss(x0)
+        with autocast(self.opt.precision, x0.device):
+            loss = full_precision(model.loss(x0))
         if not torch.isfinite(loss):
             raise RuntimeError(f"the diffusion loss became {float(loss)} at step {self.step}")
         self.optimizer.zero_grad(set_to_none=True)

@@ -41,3 +41,23 @@ def resolve_precision(precision: str, device: str = "cpu") -> tuple[str, str]:
         return precision, "asked for"
     native, evidence = native_bf16(device)
     return ("bf16" if native else "no"), f"auto: {evidence}"
+
+
+def inference_precision(precision: str, device="cpu") -> str:
+    """'fp32' or 'bf16' for a command's --precision fp32 / bf16 / auto (bf16 where `device` has it
+    natively)."""
+    if precision not in ("fp32", "bf16", "auto"):
+        raise ValueError(f"precision must be fp32, bf16 or auto, got {precision!r}")
+    chosen, _ = resolve_precision("no" if precision == "fp32" else precision, str(device))
+    return "fp32" if chosen == "no" else "bf16"
+
+
+def autocast(precision: str = "fp32", device="cpu"):
+    """A context for inference in `precision` (see inference_precision). Weights stay float32, and
+    so do the particle positions and distributions the model keeps in float32 (docs/performance.md
+    states the accuracy)."""
+    import contextlib
+    import torch
+    if inference_precision(precision, device) == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
