@@ -56,8 +56,9 @@ def run(out_dir: str = "runs/quickstart", data_dir: str = "data/balls", minutes:
     `max_steps` / `pint_steps` cap the joint / PINT phases in steps as well as in time.
 
     `precision` of the joint phase: fp32 by default, since at this model's size bf16 autocast buys
-    no speed on a CPU (docs/performance.md). Gradients are clipped at `grad_clip` (2-4x their typical norm of 200-550 here): with batches
-    of 2 at lr 2e-3 a rare spike can otherwise send the transparency head off.
+    no speed on a CPU (docs/performance.md). Gradients are clipped at `grad_clip` (2-4x their
+    typical norm of 200-550 here): with batches of 2 at lr 2e-3 a rare spike can otherwise send the
+    transparency head off.
     `position_only_trunk`: see ddlp.pint_tuning.tune_pint. `pint_velocity_input`: the PINT of
     the PINT phase (and of the final model) embeds each particle's last move; `spread_anchors`:
     from the encode phase on, the first frame's particles start a glimpse apart (config fields)."""

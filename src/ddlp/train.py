@@ -243,12 +243,13 @@ class Trainer:
         set_rng_state(st["rng"])
         return True
 
-    # -------------------------------------------------------------------- evaluation
     def autocast(self):
         """The training precision's autocast context (fp32: none)."""
         if self.precision == "bf16":
             return torch.autocast(self.acc.device.type, dtype=torch.bfloat16)
         return self.acc.autocast()
+
+    # -------------------------------------------------------------------- evaluation
 
     @torch.no_grad()
     def evaluate(self) -> dict:

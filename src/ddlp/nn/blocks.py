@@ -50,8 +50,8 @@ class _ReplicatePad(torch.autograd.Function):
         with torch.autocast(x.device.type, enabled=False):
             y = F.pad(torch.relu(x) if relu else x, (pad,) * 4, mode="replicate")
         ctx.pad, ctx.relu, ctx.shape = pad, relu, x.shape
-        ctx.format = (torch.channels_last if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
-                      else torch.contiguous_format)
+        channels_last = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+        ctx.format = torch.channels_last if channels_last else torch.contiguous_format
         if relu:
             ctx.save_for_backward(y)
         return y
