@@ -77,8 +77,8 @@ def add_parser(sub) -> None:
                    help="autocast precision: auto (the default: bf16 where the hardware has it natively, i.e. "
                    "AMX/AVX512-BF16 CPUs and GPUs of compute capability 8+, else fp32), no (fp32), bf16, fp16; "
                    "the run's log and metrics.jsonl say which was used")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model (GPU only: torch "
-                   "2.13 cannot compile its backward on the CPU)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (GPU only: on the CPU "
+                   "it compiles for minutes and ran no faster)")
     p.add_argument("--low-memory", action="store_true", help="recompute the decoders (background CNNs, "
                    "glimpse decoding and pasting) in the backward pass: about half the activations kept, for "
                    "10-15%% more time per step (docs/performance.md)")
