@@ -81,7 +81,7 @@ def add_parser(sub) -> None:
                    "it compiles for minutes and ran no faster)")
     p.add_argument("--low-memory", action="store_true", help="recompute the decoders (background CNNs, "
                    "glimpse decoding and pasting) in the backward pass: about half the activations kept, for "
-                   "10-15%% more time per step (docs/performance.md)")
+                   "7-14%% more time per step (docs/performance.md)")
     p.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation steps")
     p.add_argument("--grad-clip", type=float, help="clip the global gradient norm to this value "
                    "(default: no clipping, as the official code)")
