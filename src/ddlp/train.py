@@ -33,7 +33,7 @@ from .config import Config
 from .data import batch_frames
 from .losses import elbo
 from .model import ParticleModel, build_model
-from .nn.precision import resolve_precision
+from .nn.precision import autocast, resolve_precision
 from .storage import atomic_write, save_pretrained
 
 
@@ -247,7 +247,7 @@ class Trainer:
     def autocast(self):
         """The training precision's autocast context (fp32: none)."""
         if self.precision == "bf16":
-            return torch.autocast(self.acc.device.type, dtype=torch.bfloat16)
+            return autocast("bf16", self.acc.device)
         return self.acc.autocast()
 
     # -------------------------------------------------------------------- evaluation

@@ -119,7 +119,8 @@ def cmd_what_if(args) -> int:
         raise ValueError(f"need --horizon >= 0 and --cond-steps >= 1, got {args.horizon} and {args.cond_steps}")
     clip, name = load_input(args, model.config.image_size)
     t0 = time.time()
-    with autocast(args.precision, next(model.parameters()).device):
+    device = next(model.parameters()).device
+    with autocast(args.precision, device):
         result = what_if(model, clip, edits, args.horizon, cond_steps=args.cond_steps, edit_frames=span,
                          progress=True)
     dt = time.time() - t0
@@ -131,7 +132,7 @@ def cmd_what_if(args) -> int:
     record = dict(checkpoint=str(args.checkpoint), input=name, start=args.start, cond_steps=result.cond_steps,
                   edit_frames=list(result.edit_frames), horizon=args.horizon,
                   edits=[e.to_dict() for e in result.edits],
-                  precision=inference_precision(args.precision, next(model.parameters()).device))
+                  precision=inference_precision(args.precision, device))
     atomic_write(out / "edits.json", lambda p: Path(p).write_text(json.dumps(record, indent=2)))
     diff = float((result.original - result.edited).abs().mean())
     print(f"{len(edits)} edit(s) on particles {result.touched or '-'} over frames "

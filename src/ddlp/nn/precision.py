@@ -53,9 +53,9 @@ def inference_precision(precision: str, device="cpu") -> str:
 
 
 def autocast(precision: str = "fp32", device="cpu"):
-    """A context for inference in `precision` (see inference_precision). Weights stay float32, and
-    so do the particle positions and distributions the model keeps in float32 (docs/performance.md
-    states the accuracy)."""
+    """A context that runs the ops inside it in `precision` (fp32 / bf16 / auto, see
+    inference_precision). Weights stay float32, and so do the particle positions and distributions
+    the model keeps in float32 (docs/performance.md states the accuracy)."""
     import contextlib
     import torch
     if inference_precision(precision, device) == "fp32":
