@@ -122,7 +122,8 @@ def test_tune_prior_needs_a_ddlp():
         tune_pint(build_model(tiny_config(model="dlp")), Clips(), steps=1, progress=False)
 
 
-def test_cli_tunes_a_saved_model(tmp_path, capsys):
+def test_cli_tunes_a_saved_model(tmp_path, capsys, monkeypatch):
+    import ddlp.pint_tuning
     from ddlp.storage import save_pretrained
     from ddlp.cli import main
     from ddlp.data.balls import write_balls
@@ -130,10 +131,19 @@ def test_cli_tunes_a_saved_model(tmp_path, capsys):
     write_balls(tmp_path / "data", episodes={"train": 2, "val": 1, "test": 1}, seqlen=20, progress=False)
     model = build_model(tiny_config())
     save_pretrained(model, tmp_path / "model")
+    seen = {}
+
+    def spy(model, cache, **kw):
+        seen.update(kw, dropouts={m.p for m in model.pint.modules() if isinstance(m, torch.nn.Dropout)})
+        stats = tune_pint(model, cache, **kw)
+        seen["after"] = {m.p for m in model.pint.modules() if isinstance(m, torch.nn.Dropout)}
+        return stats
+    monkeypatch.setattr(ddlp.pint_tuning, "tune_pint", spy)
     assert main(["tune-pint", str(tmp_path / "model"), "--data.root", str(tmp_path / "data"),
                  "--out", str(tmp_path / "tuned"), "--steps", "3", "--clips", "4", "--frames", "12",
                  "--batch-size", "2", "--lr", "1e-3", "--bias-lr", "0.02", "--reset", "--position-only-trunk",
-                 "--spread-anchors", "--max-minutes", "1", "--seed", "1"]) == 0
+                 "--spread-anchors", "--max-minutes", "1", "--dropout", "0", "--seed", "1"]) == 0
+    assert seen["dropout"] == 0 and seen["dropouts"] == {0.1} and seen["after"] == {0.0}
     out = capsys.readouterr().out
     assert "dynamics KL" in out and "on 4 clips" in out
     tuned_model = ParticleModel.from_pretrained(tmp_path / "tuned")
@@ -161,3 +171,19 @@ def test_the_stand_still_start_lowers_the_dynamics_kl_of_a_fresh_prior():
     stats = tune_pint(model, Clips(n=8), steps=0, clips=8, reset=True, progress=False)
     assert stats["pint_steps"] == 0        # "before": the model's own fresh PINT, "after": a stand-still start
     assert stats["pint_loss_after"] < 0.9 * stats["pint_loss_before"], stats
+
+
+def test_tune_pint_can_train_without_dropout(cache):
+    model, c = cache
+    ps = lambda: {m.p for m in model.pint.modules() if isinstance(m, torch.nn.Dropout)} | {  # noqa: E731
+        b.attn.dropout for b in model.pint.blocks}
+    assert ps() == {0.1}
+    tune_pint(model, c, steps=2, batch_size=4, progress=False)
+    assert ps() == {0.1}                    # left as it was unless asked
+    tune_pint(model, c, steps=2, batch_size=4, dropout=0.0, progress=False)
+    assert ps() == {0.0}
+    model.pint.train()
+    x = c.windows(4, model.config.timestep_horizon)
+    torch.testing.assert_close(model.pint(x).position_mu, model.pint(x).position_mu, rtol=0, atol=0)
+    model.pint.set_dropout(0.1)
+    assert ps() == {0.1} and not torch.equal(model.pint(x).position_mu, model.pint(x).position_mu)

@@ -6,7 +6,7 @@ import pytest
 from PIL import Image
 
 from ddlp.cli import main
-from ddlp.quickstart import ENCODE_SHARE, JOINT_SHARE, run, split_budget
+from ddlp.quickstart import ENCODE_SHARE, JOINT_MAX_MINUTES, JOINT_SHARE, run, split_budget
 
 TINY = dict(enc_channels=[8, 16, 16], prior_channels=[8, 8, 16], n_kp_enc=3, n_kp_prior=6,
             learned_feature_dim=2, pint_dim=16, pint_heads=2, pint_layers=1, timestep_horizon=4,
@@ -15,9 +15,11 @@ TINY = dict(enc_channels=[8, 16, 16], prior_channels=[8, 8, 16], n_kp_enc=3, n_k
 
 def test_the_budget_split_is_the_documented_one():
     assert split_budget(15) == pytest.approx(dict(joint=6.0, encode=0.75, pint=8.25))
-    for minutes in (1, 15, 60):
+    assert split_budget(60) == pytest.approx(dict(joint=6.0, encode=3.0, pint=51.0))
+    for minutes in (1, 15, 16, 60):
         b = split_budget(minutes)
-        assert b["joint"] == pytest.approx(JOINT_SHARE * minutes) and b["encode"] == pytest.approx(ENCODE_SHARE * minutes)
+        assert b["joint"] == pytest.approx(min(JOINT_SHARE * minutes, JOINT_MAX_MINUTES))
+        assert b["encode"] == pytest.approx(ENCODE_SHARE * minutes)
         assert sum(b.values()) == pytest.approx(minutes)
     with pytest.raises(ValueError, match="positive"):
         split_budget(0)

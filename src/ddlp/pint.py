@@ -184,6 +184,14 @@ class PINT(nn.Module):
         self.readout = ParticleReadout(features_dim, bg_features_dim, dim)
         self.reset_transformer()
 
+    def set_dropout(self, p: float) -> None:
+        """Dropout probability of every attention and MLP dropout (a training setting, no weights)."""
+        for m in self.modules():
+            if isinstance(m, nn.Dropout):
+                m.p = p
+            elif isinstance(m, CausalParticleAttention):
+                m.dropout = p
+
     def reset_transformer(self) -> None:
         """Official init of the trunk: N(0, 0.02) linears and bias tables, unit LayerNorms."""
         init_transformer([*self.blocks.modules(), self.ln_f, self.head])

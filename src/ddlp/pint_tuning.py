@@ -155,7 +155,8 @@ def start_from_stand_still(pint: PINT, posteriors: Particles, recency_bias: floa
 def tune_pint(model: DDLP, posteriors: PosteriorCache | Dataset, *, steps: Optional[int] = 2000,
                batch_size: int = 64, clips: int = 512, lr: float = 2e-3, bias_lr: float = 0.01,
                reset: bool = False, position_only_trunk: bool = False, seed: int = 0,
-               max_minutes: Optional[float] = None, progress: bool = True) -> dict:
+               max_minutes: Optional[float] = None, dropout: Optional[float] = None,
+               progress: bool = True) -> dict:
     """Optimise `model.pint` on the dynamics KL of frozen-encoder posteriors (a PosteriorCache, or
     a dataset of which `clips` clips are encoded first); the rest of the model is left untouched.
 
@@ -166,6 +167,9 @@ def tune_pint(model: DDLP, posteriors: PosteriorCache | Dataset, *, steps: Optio
       transparency and scale terms otherwise swamp the trunk's gradient (docs/training.md).
     * The learning rate follows a cosine from `lr` to 0 over `steps` or `max_minutes`, whichever
       ends first (steps=None: time only).
+    * `dropout` replaces PINT's dropout probability (0.1) while it trains here: at 0 a step costs
+      ~20 % less on a CPU (no Bernoulli masks) and, in a fixed time, the rollouts
+      are better (Balls, 5 minutes, two encoders: MED10 0.53 / 0.53 against 0.61 / 0.60).
     Returns the loss before and after (on 512 windows), and the steps taken.
     """
     c = model.config
@@ -201,6 +205,8 @@ def tune_pint(model: DDLP, posteriors: PosteriorCache | Dataset, *, steps: Optio
     rest = [t for t in model.pint.parameters() if all(t is not b for b in tables)]
     opt = torch.optim.Adam([dict(params=rest, lr=lr), dict(params=tables, lr=bias_lr)], eps=1e-8)
     base_lrs = [lr, bias_lr]
+    if dropout is not None:
+        model.pint.set_dropout(dropout)
     model.pint.train()
     bar = None
     if progress:
