@@ -168,8 +168,8 @@ def tune_pint(model: DDLP, posteriors: PosteriorCache | Dataset, *, steps: Optio
     * The learning rate follows a cosine from `lr` to 0 over `steps` or `max_minutes`, whichever
       ends first (steps=None: time only).
     * `dropout` replaces PINT's dropout probability (0.1) while it trains here: at 0 a step costs
-      ~20 % less on a CPU (no Bernoulli masks) and, in a fixed time, the rollouts
-      are better (Balls, 5 minutes, two encoders: MED10 0.53 / 0.53 against 0.61 / 0.60).
+      ~20 % less on a CPU (no Bernoulli masks) and, in a fixed time, the rollouts are better
+      (Balls, 5 minutes, two encoders: MED10 0.53 / 0.53 against 0.61 / 0.60).
     Returns the loss before and after (on 512 windows), and the steps taken.
     """
     c = model.config

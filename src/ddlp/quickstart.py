@@ -26,7 +26,7 @@ JOINT_SHARE = 0.4           # joint training: the encoder leaves the colour plat
 JOINT_MAX_MINUTES = 6.0     # longer joint runs at lr 2e-3 and batch 2 track the balls worse, not better
 ENCODE_SHARE = 0.05         # caching posteriors (~300 frames/s on a 2-core CPU)
 CACHE_FRAMES = 50           # frames per cached clip: windows of 7 frames from 50-frame tracks
-PINT_DROPOUT = 0.0          # PINT's own 0.1 costs steps and buys nothing here (docs/training.md)
+PINT_DROPOUT = 0.0          # PINT's own 0.1 costs a fifth of the steps, and rollouts come out worse
 
 
 def split_budget(minutes: float) -> dict[str, float]:

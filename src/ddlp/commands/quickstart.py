@@ -11,7 +11,7 @@ def cmd_quickstart(args) -> int:
 
 
 def add_parser(sub) -> None:
-    from ..quickstart import ENCODE_SHARE, JOINT_SHARE
+    from ..quickstart import ENCODE_SHARE, JOINT_MAX_MINUTES, JOINT_SHARE
     p = sub.add_parser("quickstart", help="generate Balls data, train a small DDLP on the CPU within a "
                        "time budget, evaluate it (paper protocol, with baselines) and write a prediction GIF",
                        description="Generate Balls-Interaction episodes, train the balls_small DDLP for --minutes "
@@ -19,9 +19,10 @@ def add_parser(sub) -> None:
                        "protocol (10 -> 50 frames, MED10) beside 'stand still' and 'constant velocity' baselines, "
                        "and write OUT/prediction.gif, OUT/metrics.json and OUT/eval/.",
                        epilog=f"The budget is split: {JOINT_SHARE:.0%} joint training (the official ELBO and "
-                       f"schedule), up to {ENCODE_SHARE:.0%} encoding training clips with the best encoder (first-frame "
-                       "particles started a glimpse apart), the rest training a fresh PINT alone on those cached "
-                       "posteriors (docs/training.md).")
+                       f"schedule; at most {JOINT_MAX_MINUTES:g} minutes), up to {ENCODE_SHARE:.0%} encoding "
+                       "training clips with the best encoder (first-frame particles started a glimpse apart), the "
+                       "rest training a fresh PINT alone on those cached posteriors, without dropout "
+                       "(docs/training.md).")
     p.add_argument("--out", default="runs/quickstart", help="run directory (default runs/quickstart)")
     p.add_argument("--data", default="data/balls", help="where the generated data go (default data/balls)")
     p.add_argument("--minutes", type=float, default=15.0, help="training budget in minutes, all phases "
