@@ -581,7 +581,8 @@ def evaluate_checkpoint(path: str | Path, opts: Optional[EvalOptions] = None) ->
         from .metrics.lpips import provenance_line
         print(f"LPIPS weights: {provenance_line(lpips.provenance)}")
     from .nn.precision import autocast, inference_precision
-    with autocast(opts.precision, device):
+    precision = inference_precision(opts.precision, device)
+    with autocast(precision, device):
         scores = score_rollouts(model, loader, protocol, lpips, med=opts.med, i3d=i3d, progress=opts.progress,
                                 total=len(loader), baselines=opts.baselines)
     med_reason = None if opts.med else "disabled (--no-med)"
@@ -600,7 +601,7 @@ def evaluate_checkpoint(path: str | Path, opts: Optional[EvalOptions] = None) ->
         "data": {"dataset": name, "root": str(root), "split": opts.split, "videos": scores.videos,
                  "frames_per_clip": length, "image_size": config.image_size},
         "paper": PAPER_RESULTS.get(name, {}),
-        "device": str(device), "precision": inference_precision(opts.precision, device),
+        "device": str(device), "precision": precision,
         "elapsed_s": round(time.time() - t0, 2), "ddlp_version": __version__,
     }
     out_dir = Path(opts.out_dir) if opts.out_dir else Path(info.get("run", info["path"])) / "eval"

@@ -156,6 +156,7 @@ def predict(checkpoint: str | os.PathLike, input_path: str | os.PathLike, out_di
     cond = cond or c.cond_steps
     horizon = horizon or max(c.animation_horizon, cond + 1)
     frames = read_clip(input_path, size=c.image_size, episode=episode, split=split)
+    precision = inference_precision(precision, device)
     with autocast(precision, device):
         pred, particles = predict_clip(model, frames, cond, horizon, deterministic)
     gt = frames[:horizon]
@@ -171,7 +172,7 @@ def predict(checkpoint: str | os.PathLike, input_path: str | os.PathLike, out_di
             skipped[fmt] = str(e)
     meta = {"input": str(input_path), "episode": episode, "checkpoint": info, "image_size": c.image_size, "cond_steps": cond,
             "horizon": horizon, "input_frames": int(frames.shape[0]), "deterministic": deterministic,
-            "precision": inference_precision(precision, device)}
+            "precision": precision}
     save_particles(particle_arrays(particles, cond, c.image_size), meta, out / "particles.npz",
                    out / "particles.json")
     written.update(npz=str(out / "particles.npz"), json=str(out / "particles.json"))

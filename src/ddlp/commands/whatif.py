@@ -120,7 +120,8 @@ def cmd_what_if(args) -> int:
     clip, name = load_input(args, model.config.image_size)
     t0 = time.time()
     device = next(model.parameters()).device
-    with autocast(args.precision, device):
+    precision = inference_precision(args.precision, device)
+    with autocast(precision, device):
         result = what_if(model, clip, edits, args.horizon, cond_steps=args.cond_steps, edit_frames=span,
                          progress=True)
     dt = time.time() - t0
@@ -132,7 +133,7 @@ def cmd_what_if(args) -> int:
     record = dict(checkpoint=str(args.checkpoint), input=name, start=args.start, cond_steps=result.cond_steps,
                   edit_frames=list(result.edit_frames), horizon=args.horizon,
                   edits=[e.to_dict() for e in result.edits],
-                  precision=inference_precision(args.precision, device))
+                  precision=precision)
     atomic_write(out / "edits.json", lambda p: Path(p).write_text(json.dumps(record, indent=2)))
     diff = float((result.original - result.edited).abs().mean())
     print(f"{len(edits)} edit(s) on particles {result.touched or '-'} over frames "
