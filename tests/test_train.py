@@ -63,6 +63,28 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path):
     assert any("val_loss" in r for r in records) and (tmp_path / "a" / "run" / "best" / "model.safetensors").is_file()
 
 
+@pytest.mark.parametrize("best_by, kept", [("val_loss", 1), ("val_psnr", 2)])
+def test_best_checkpoint_follows_the_chosen_criterion(tmp_path, best_by, kept):
+    """best/ is rewritten when the criterion improves: lowest validation ELBO (the official rule)
+    or highest validation PSNR (the quickstart's); an unknown criterion is refused up front."""
+    trainer = Trainer(tiny_config(), Clips(), None, options(tmp_path, best_by=best_by))
+    evaluations = iter([dict(val_loss=50.0, val_psnr=20.0), dict(val_loss=40.0, val_psnr=21.0),
+                        dict(val_loss=60.0, val_psnr=23.0), dict(val_loss=45.0, val_psnr=22.0)])
+    trainer.evaluate = lambda: next(evaluations)
+    for epoch in range(4):
+        trainer.global_step = epoch
+        with torch.no_grad():
+            next(trainer.model.parameters()).fill_(float(epoch))    # tells the saved weights apart
+        trainer._end_epoch(None)
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r.get("best")] == ([0, 1] if best_by == "val_loss" else [0, 1, 2])
+    from ddlp.model import ParticleModel
+    saved = next(ParticleModel.from_pretrained(tmp_path / "run" / "best").parameters())
+    assert torch.all(saved == float(kept))
+    with pytest.raises(ValueError, match="best_by must be one of val_loss, val_psnr"):
+        Trainer(tiny_config(), Clips(), None, options(tmp_path / "x", best_by="psnr"))
+
+
 def test_checkpoint_survives_a_crash_while_writing(tmp_path, monkeypatch):
     trainer = Trainer(tiny_config(), Clips(), None, options(tmp_path, max_steps=2))
     trainer.train()
@@ -245,11 +267,11 @@ def test_validation_reports_how_well_the_model_predicts(tmp_path):
     assert any("val_med10" in r and "val_pred_step1_px" in r for r in logged)
 
 
-@pytest.mark.parametrize("precision", ["bf16", "fp16", "auto"])
+@pytest.mark.parametrize("precision", ["bf16", "fp16", "auto", "fp32"])
 def test_cli_trains_under_autocast(tmp_path, precision):
     """Mixed precision on the CPU: the Beta sampler, the KL terms and the losses run in float32
-    (no "dirichlet not implemented for 'BFloat16'"), the weights stay float32 and finite. In a
-    fresh process: accelerate keeps one precision per process."""
+    (no "dirichlet not implemented for 'BFloat16'"), the weights stay float32 and finite; fp32 is
+    accelerate's 'no' in the log. In a fresh process: accelerate keeps one precision per process."""
     from ddlp.data.balls import write_balls
     from ddlp.model import ParticleModel
     write_balls(tmp_path / "balls", episodes={"train": 1, "val": 1, "test": 1}, seqlen=12, progress=False)
@@ -262,7 +284,7 @@ def test_cli_trains_under_autocast(tmp_path, precision):
     loss = float(done.stdout.split("last loss ")[1].split(";")[0])
     assert math.isfinite(loss) and loss > 0
     from ddlp.nn.precision import native_bf16
-    chosen = {"bf16": "bf16", "fp16": "fp16", "auto": "bf16" if native_bf16()[0] else "no"}[precision]
+    chosen = {"bf16": "bf16", "fp16": "fp16", "auto": "bf16" if native_bf16()[0] else "no", "fp32": "no"}[precision]
     record = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
     assert record["precision"] == chosen and (record["precision_reason"].startswith("auto: ") == (precision == "auto"))
     assert f"precision: {'fp32' if chosen == 'no' else chosen} (" in done.stdout

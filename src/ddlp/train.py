@@ -10,7 +10,7 @@ A run directory holds:
     config.json            the resolved config
     checkpoints/step-N/    model.safetensors, config.json, state.pt (optimizer, schedule, RNG, counters)
     checkpoints/latest     name of the newest complete checkpoint (replaced atomically)
-    best/                  model with the best validation ELBO
+    best/                  model with the best validation ELBO (TrainOptions.best_by)
     metrics.jsonl          one line per evaluation
     figures/               nine-row figures and rollout GIFs
 """
@@ -59,6 +59,10 @@ class TrainOptions:
     progress: bool = True
     vgg_weights: Optional[str] = None
     figures: bool = True
+    best_by: str = "val_loss"               # best/: lowest validation ELBO (official), or highest "val_psnr"
+
+
+BEST_BY = {"val_loss": 1.0, "val_psnr": -1.0}    # sign that makes each criterion "lower is better"
 
 
 # ------------------------------------------------------------------------------ data order
@@ -136,6 +140,8 @@ class Trainer:
         from accelerate.utils import set_seed
 
         self.config, self.opt = config, options or TrainOptions()
+        if self.opt.best_by not in BEST_BY:
+            raise ValueError(f"best_by must be one of {', '.join(BEST_BY)}, got {self.opt.best_by!r}")
         self.run_dir = Path(self.opt.run_dir)
         # Without a GPU, accelerate only forms a multi-process (gloo) group when told cpu=True.
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -406,8 +412,9 @@ class Trainer:
     def _end_epoch(self, batch) -> None:
         metrics = self.last_val = self.evaluate()
         record = dict(step=self.global_step, epoch=self.epoch, **metrics)
-        if metrics and metrics["val_loss"] < self.best_val and self.acc.is_main_process:
-            self.best_val = metrics["val_loss"]
+        score = BEST_BY[self.opt.best_by] * metrics[self.opt.best_by] if metrics else math.inf
+        if score < self.best_val and self.acc.is_main_process:
+            self.best_val = score
             save_pretrained(self.model, self.run_dir / "best")
             record["best"] = True
         self.log(record)

@@ -37,7 +37,8 @@ def cmd_train(args) -> int:
     train_set = build_dataset(config, "train")
     val_set = build_dataset(config, "val")
     opts = TrainOptions(run_dir=args.run_dir, max_steps=args.max_steps, max_minutes=args.max_minutes,
-                        num_workers=args.workers, precision=args.precision, compile=args.compile,
+                        num_workers=args.workers, compile=args.compile,
+                        precision="no" if args.precision == "fp32" else args.precision,
                         low_memory=args.low_memory,
                         grad_accum=args.grad_accum, grad_clip=args.grad_clip,
                         checkpoint_every=args.checkpoint_every,
@@ -73,9 +74,10 @@ def add_parser(sub) -> None:
     p.add_argument("--batch-size", type=int)
     p.add_argument("--seed", type=int)
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override any config key (repeatable)")
-    p.add_argument("--precision", default="auto", choices=["auto", "no", "bf16", "fp16"],
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "no", "bf16", "fp16"],
                    help="autocast precision: auto (the default: bf16 where the hardware has it natively, i.e. "
-                   "AMX/AVX512-BF16 CPUs and GPUs of compute capability 8+, else fp32), no (fp32), bf16, fp16; "
+                   "AMX/AVX512-BF16 CPUs and GPUs of compute capability 8+, else fp32), fp32 (or no, "
+                   "accelerate's name for it), bf16, fp16; "
                    "the run's log and metrics.jsonl say which was used")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (GPU only: on the CPU "
                    "it compiles for minutes and ran no faster)")
