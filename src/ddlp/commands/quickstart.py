@@ -20,7 +20,8 @@ def add_parser(sub) -> None:
                        "and write OUT/prediction.gif, OUT/metrics.json and OUT/eval/.",
                        epilog=f"The budget is split: {JOINT_SHARE:.0%} joint training (the official ELBO and "
                        f"schedule; at most {JOINT_MAX_MINUTES:g} minutes), up to {ENCODE_SHARE:.0%} encoding "
-                       "training clips with the best encoder (first-frame particles started a glimpse apart), the "
+                       "training clips with the encoder of the best validation PSNR (first-frame particles started a "
+                       "glimpse apart), the "
                        "rest training a fresh PINT alone on those cached posteriors, without dropout "
                        "(docs/training.md).")
     p.add_argument("--out", default="runs/quickstart", help="run directory (default runs/quickstart)")
