@@ -28,7 +28,7 @@ JOINT_MAX_MINUTES = 6.0     # longer joint runs at lr 2e-3 and batch 2 track the
 ENCODE_SHARE = 0.05         # caching posteriors (~300 frames/s on a 2-core CPU)
 CACHE_FRAMES = 50           # frames per cached clip: windows of 7 frames from 50-frame tracks
 PINT_DROPOUT = 0.0          # PINT's own 0.1 costs a fifth of the steps, and rollouts come out worse
-BEST_BY = "val_psnr"        # the encoder kept for the PINT phase: the ELBO's best was a worse tracker
+JOINT_BEST_BY = "val_psnr"  # the encoder kept for the PINT phase: the ELBO's best was a worse tracker
 
 
 def split_budget(minutes: float) -> dict[str, float]:
@@ -81,7 +81,7 @@ def run(out_dir: str = "runs/quickstart", data_dir: str = "data/balls", minutes:
           f"{len(train_set)} training clips of {config.timestep_horizon + 1} frames")
     trainer = Trainer(config, train_set, BallsDataset(root, "val"), TrainOptions(
         run_dir=str(out), max_minutes=budget["joint"], max_steps=max_steps, num_workers=workers,
-        grad_clip=grad_clip, progress=progress, precision=precision, best_by=BEST_BY))
+        grad_clip=grad_clip, progress=progress, precision=precision, best_by=JOINT_BEST_BY))
     setup = time.time() - t0
     start, joint_stopped = time.time(), None
     try:
