@@ -10,7 +10,7 @@ A run directory holds:
     config.json            the resolved config
     checkpoints/step-N/    model.safetensors, config.json, state.pt (optimizer, schedule, RNG, counters)
     checkpoints/latest     name of the newest complete checkpoint (replaced atomically)
-    best/                  model with the best validation ELBO (TrainOptions.best_by)
+    best/                  model with the best validation ELBO (or PSNR: TrainOptions.best_by)
     metrics.jsonl          one line per evaluation
     figures/               nine-row figures and rollout GIFs
 """
@@ -47,7 +47,7 @@ class TrainOptions:
     max_steps: Optional[int] = None         # stop after this many optimizer steps
     max_minutes: Optional[float] = None     # stop (after a checkpoint) when this much time has passed
     num_workers: int = 2
-    precision: str = "auto"                 # 'auto': bf16 where the hardware has it natively, else fp32; 'no' (fp32), 'bf16', 'fp16'
+    precision: str = "auto"                 # 'auto': bf16 where the hardware has it natively, else fp32; 'fp32' (or 'no'), 'bf16', 'fp16'
     compile: bool = False
     low_memory: bool = False                # recompute the decoders' activations in backward (less RAM)
     grad_accum: int = 1

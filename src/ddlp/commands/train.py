@@ -37,8 +37,7 @@ def cmd_train(args) -> int:
     train_set = build_dataset(config, "train")
     val_set = build_dataset(config, "val")
     opts = TrainOptions(run_dir=args.run_dir, max_steps=args.max_steps, max_minutes=args.max_minutes,
-                        num_workers=args.workers, compile=args.compile,
-                        precision="no" if args.precision == "fp32" else args.precision,
+                        num_workers=args.workers, precision=args.precision, compile=args.compile,
                         low_memory=args.low_memory,
                         grad_accum=args.grad_accum, grad_clip=args.grad_clip,
                         checkpoint_every=args.checkpoint_every,

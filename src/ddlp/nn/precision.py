@@ -35,8 +35,10 @@ def native_bf16(device: str = "cpu") -> tuple[bool, str]:
 
 
 def resolve_precision(precision: str, device: str = "cpu") -> tuple[str, str]:
-    """'auto' -> 'bf16' where the device has native bf16, else 'no' (fp32); other values pass
-    through. Returns the precision and why it was chosen."""
+    """'auto' -> 'bf16' where the device has native bf16, else 'no' (fp32); 'fp32' -> 'no'
+    (accelerate's name); other values pass through. Returns the precision and why it was chosen."""
+    if precision == "fp32":
+        precision = "no"
     if precision != "auto":
         return precision, "asked for"
     native, evidence = native_bf16(device)
@@ -48,7 +50,7 @@ def inference_precision(precision: str, device="cpu") -> str:
     natively)."""
     if precision not in ("fp32", "bf16", "auto"):
         raise ValueError(f"precision must be fp32, bf16 or auto, got {precision!r}")
-    chosen, _ = resolve_precision("no" if precision == "fp32" else precision, str(device))
+    chosen, _ = resolve_precision(precision, str(device))
     return "fp32" if chosen == "no" else "bf16"
 
 
