@@ -12,7 +12,7 @@ from torch.utils.data import Dataset
 
 from ddlp import Config
 from ddlp.data.synthetic import moving_discs
-from ddlp.checkpoint import latest_checkpoint
+from ddlp.checkpoint import latest_checkpoint, resolve_checkpoint
 from ddlp.train import Trainer, TrainOptions, TrainingError, future_weights
 
 
@@ -81,6 +81,9 @@ def test_best_checkpoint_follows_the_chosen_criterion(tmp_path, best_by, kept):
     from ddlp.model import ParticleModel
     saved = next(ParticleModel.from_pretrained(tmp_path / "run" / "best").parameters())
     assert torch.all(saved == float(kept))
+    _, info = resolve_checkpoint(tmp_path / "run")       # what evaluate / predict say they loaded
+    rule = "lowest validation ELBO" if best_by == "val_loss" else "highest validation PSNR"
+    assert info["source"] == f"best ({rule})" and info["step"] == kept
     with pytest.raises(ValueError, match="best_by must be one of val_loss, val_psnr"):
         Trainer(tiny_config(), Clips(), None, options(tmp_path / "x", best_by="psnr"))
 

@@ -95,20 +95,22 @@ def latest_checkpoint(run_dir: str | Path) -> Optional[Path]:
     return complete[-1] if complete else None
 
 
-def _best_step(run: Path) -> Optional[int]:
-    """Step at which best/ was last written (from metrics.jsonl), if recorded."""
+BEST_RULES = {"val_loss": "lowest validation ELBO", "val_psnr": "highest validation PSNR"}
+
+
+def _best_record(run: Path) -> tuple[Optional[int], str]:
+    """Step at which best/ was last written and the rule that chose it (from metrics.jsonl; runs
+    that did not record their rule used the official one, the validation ELBO)."""
     log = run / "metrics.jsonl"
-    if not log.is_file():
-        return None
-    step = None
-    for line in log.read_text().splitlines():
+    step, rule = None, "val_loss"
+    for line in log.read_text().splitlines() if log.is_file() else ():
         try:
             record = json.loads(line)
         except json.JSONDecodeError:
             continue
         if record.get("best"):
-            step = record.get("step")
-    return step
+            step, rule = record.get("step"), record.get("best_by", "val_loss")
+    return step, BEST_RULES.get(rule, rule)
 
 
 def _step_of(folder: Path) -> Optional[int]:
@@ -138,8 +140,8 @@ def resolve_checkpoint(path: str | Path, use_last: bool = False) -> tuple[Path, 
         return p, info
     best = p / "best"
     if not use_last and (best / WEIGHTS).is_file():
-        return best, {"path": str(best), "run": str(p), "source": "best (lowest validation ELBO)",
-                      "step": _best_step(p)}
+        step, rule = _best_record(p)
+        return best, {"path": str(best), "run": str(p), "source": f"best ({rule})", "step": step}
     ckpt = latest_checkpoint(p)
     if ckpt is not None:
         return ckpt, {"path": str(ckpt), "run": str(p), "source": "latest checkpoint", "step": _step_of(ckpt)}

@@ -416,7 +416,7 @@ class Trainer:
         if score < self.best_val and self.acc.is_main_process:
             self.best_val = score
             save_pretrained(self.model, self.run_dir / "best")
-            record["best"] = True
+            record.update(best=True, best_by=self.opt.best_by)
         self.log(record)
         if batch is not None and (self.epoch + 1) % self.config.eval_epoch_freq == 0:
             self.write_figures(batch)
