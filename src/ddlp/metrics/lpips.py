@@ -183,11 +183,8 @@ class LPIPS(nn.Module):
 
 def load_rgb(path: str | os.PathLike) -> Tensor:
     """An image file as [1, 3, H, W] in [0, 1] (8-bit RGB; what lpips.load_image + im2tensor give, rescaled)."""
-    import numpy as np
-    from PIL import Image
-    with Image.open(path) as im:
-        pixels = np.asarray(im.convert("RGB"), dtype=np.float32)
-    return torch.from_numpy(pixels / 255.0).permute(2, 0, 1)[None].contiguous()
+    from ..data.reader import read_clip
+    return read_clip(path)
 
 
 def reference_check(metric: LPIPS, folder: str | os.PathLike) -> list[dict]:
