@@ -345,3 +345,60 @@ def test_spread_anchors_reorders_the_kept_proposals():
     reachable = (torch.cdist(b[:, :1], b)[:, 0] >= 0.5).any(-1)   # a kept proposal far from the first
     assert torch.equal(gap >= 0.5, reachable) and reachable.any()
     assert not Config().spread_anchors
+
+
+def test_alpha_centres_locate_the_drawn_object():
+    """alpha_centres gives where a glimpse's alpha sits, in image units: one lit pixel at glimpse
+    index (i, j) is at sigmoid(scale) * (u_i, u_j); and pasted on the canvas, the alpha's centroid
+    is at position + that offset."""
+    from ddlp.decoder import alpha_centres
+    from ddlp.nn.glimpse import paste
+    g = 9
+    u = torch.linspace(-1, 1, g)
+    decoded = torch.zeros(1, 2, 4, g, g)
+    decoded[0, 0, 0, 2, 6] = 1.0                            # particle 0: one pixel up and right
+    decoded[0, 1, 0, 3:6, 3:6] = 1.0                         # particle 1: a centred square
+    scale = torch.tensor([[[0.0, 0.0], [1.0, -1.0]]])       # pre-sigmoid
+    offset = alpha_centres(decoded, scale)
+    assert torch.allclose(offset[0, 0], 0.5 * torch.stack([u[2], u[6]]))
+    assert torch.allclose(offset[0, 1], torch.zeros(2), atol=1e-6)
+    # on the canvas: a wide blob, so bilinear resampling keeps its centroid
+    blob = torch.exp(-((u[:, None] - 0.3) ** 2 + (u[None, :] + 0.2) ** 2) / 0.1)
+    decoded = torch.zeros(1, 1, 4, g, g)
+    decoded[0, 0, 0] = blob
+    position, scale = torch.tensor([[[0.1, -0.2]]]), torch.tensor([[[-1.0, -1.0]]])
+    canvas = paste(decoded, position, torch.sigmoid(scale), 64)[0, 0, 0]
+    axis = torch.linspace(-1, 1, 64)
+    mass = canvas.sum()
+    centroid = torch.stack([(canvas.sum(1) * axis).sum() / mass, (canvas.sum(0) * axis).sum() / mass])
+    assert torch.allclose(position[0, 0] + alpha_centres(decoded, scale)[0, 0], centroid, atol=2 / 63 * 0.1)
+
+
+def test_centred_positions_move_particles_not_pictures():
+    """centred_positions changes no weight: encode returns object centres (glimpse centre + the
+    alpha offset), decode draws the same frames from them, joint training refuses it."""
+    from ddlp.decoder import alpha_centres
+    from ddlp.model import reconfigured
+    x = moving_discs(frames=3, size=64, batch=2, n_discs=2, seed=2)
+    plain = DDLP(small(timestep_horizon=2)).eval()
+    centred = reconfigured(plain, centred_positions=True).eval()
+    with torch.no_grad():
+        p, q = plain.encode(x), centred.encode(x)
+        g = plain.config.glimpse_size
+        decoded = plain.glimpse_decoder(p.features.reshape(-1, p.features.shape[-1])).view(-1, 4, 4, g, g)
+        shift = alpha_centres(decoded, p.scale.reshape(-1, 4, 2)).view(p.position.shape)
+        assert shift.abs().max() > 1e-3                      # a random decoder draws off centre
+        assert torch.allclose(q.position, p.position + shift, atol=1e-6)
+        assert torch.allclose(q.position_mu, p.position_mu + shift, atol=1e-6)
+        torch.manual_seed(3)
+        noisy = centred.encode(x, deterministic=False)       # centres of the objects seen at the samples
+        assert torch.equal(noisy.position_mu, noisy.position)
+        assert torch.allclose(noisy.anchor + noisy.offset_mu, noisy.position_mu)   # the dynamics KL's mean
+        assert torch.equal(q.features, p.features) and torch.equal(q.scale, p.scale)
+        assert torch.allclose(centred.decode(q), plain.decode(p), atol=1e-5)
+        assert not torch.allclose(plain.decode(q), plain.decode(p), atol=1e-3)   # the shift matters
+        frames, particles = centred.rollout(x, steps=2, cond_steps=2)
+        assert frames.shape == (2, 4, 3, 64, 64) and particles.position.shape == (2, 4, 4, 2)
+    with pytest.raises(ValueError, match="centred_positions models are trained with glimpse centres"):
+        centred.train()(x)
+    assert not Config().centred_positions

@@ -142,13 +142,15 @@ def test_cli_tunes_a_saved_model(tmp_path, capsys, monkeypatch):
     assert main(["tune-pint", str(tmp_path / "model"), "--data.root", str(tmp_path / "data"),
                  "--out", str(tmp_path / "tuned"), "--steps", "3", "--clips", "4", "--frames", "12",
                  "--batch-size", "2", "--lr", "1e-3", "--bias-lr", "0.02", "--reset", "--position-only-trunk",
-                 "--spread-anchors", "--max-minutes", "1", "--dropout", "0", "--seed", "1"]) == 0
+                 "--spread-anchors", "--centred-positions", "--max-minutes", "1", "--dropout", "0",
+                 "--seed", "1"]) == 0
     assert seen["dropout"] == 0 and seen["dropouts"] == {0.1} and seen["after"] == {0.0}
     out = capsys.readouterr().out
     assert "dynamics KL" in out and "on 4 clips" in out
     tuned_model = ParticleModel.from_pretrained(tmp_path / "tuned")
     assert tuned_model.config.root == model.config.root  # not mutated
     assert tuned_model.config.spread_anchors and not model.config.spread_anchors
+    assert tuned_model.config.centred_positions and not model.config.centred_positions
     tuned = tuned_model.state_dict()
     original = model.state_dict()
     assert not torch.equal(tuned["pint.head.weight"], original["pint.head.weight"])

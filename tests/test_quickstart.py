@@ -57,9 +57,9 @@ def test_quickstart_spends_its_budget_phase_by_phase(tmp_path):
     assert gif.n_frames == 14 and gif.width < gif.height < 1.5 * gif.width, gif.size
     final = json.loads((tmp_path / "run" / "best" / "config.json").read_text())
     assert final["n_kp_enc"] == 3 and final["pint_velocity_input"] is True   # the PINT phase's PINT
-    assert final["spread_anchors"] is True                                   # and anchors
+    assert final["spread_anchors"] is True and final["centred_positions"] is True   # anchors, positions
     joint = json.loads((tmp_path / "run" / "config.json").read_text())
-    assert not joint.get("pint_velocity_input") and not joint.get("spread_anchors")  # the joint phase's: official
+    assert not any(joint.get(k) for k in ("pint_velocity_input", "spread_anchors", "centred_positions"))  # official
     card = (tmp_path / "run" / "best" / "README.md").read_text()
     assert "## Evaluation" in card and f"| med10 | {saved['med10']:.4g} |" in card
 

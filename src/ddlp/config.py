@@ -156,6 +156,7 @@ class Config(JsonConfig):
     use_resblock: bool = False
     filtering_heuristic: str = "variance"
     spread_anchors: bool = False           # ours: first-frame anchors a glimpse apart (docs/training.md)
+    centred_positions: bool = False        # ours: positions outside the model are object centres (docs/training.md)
     use_correlation_heatmaps: bool = True
     enable_enc_attn: bool = False
     use_tracking: bool = False             # DLP only: track over a 5-D input

@@ -51,6 +51,20 @@ def stitch(decoded: Tensor, position: Tensor, scale: Tensor, depth: Tensor, tran
     return Foreground(fg, 1 - alpha_masks.sum(1), alpha_masks, decoded)
 
 
+def alpha_centres(decoded: Tensor, scale: Tensor) -> Tensor:
+    """Where each decoded object sits in its glimpse: the centroid of the glimpse's alpha relative
+    to the glimpse centre, in image coordinates. decoded [N, K, 4, g, g] (alpha first), scale
+    (pre-sigmoid) [N, K, 2] -> [N, K, 2] (row, col), the same units as positions.
+
+    Glimpse pixel i sits at u_i = linspace(-1, 1, g)[i], i.e. at position + sigmoid(scale) * u_i
+    in the image (nn.glimpse.crop), so the offset is sigmoid(scale) times the centroid of u."""
+    alpha = decoded[:, :, 0].float()
+    u = torch.linspace(-1, 1, alpha.shape[-1], device=alpha.device)
+    mass = alpha.sum((-2, -1)).clamp_min(1e-6)
+    centroid = torch.stack([alpha.sum(-1) @ u, alpha.sum(-2) @ u], -1) / mass[..., None]
+    return torch.sigmoid(scale.float()) * centroid
+
+
 class Background(nn.Module):
     """The background particle: features encoded from the image with the particles masked out,
     decoded to a full image. Its position is fixed at the centre."""

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from .config import Config
-from .decoder import Background, Foreground, GlimpseDecoder, stitch
+from .decoder import Background, Foreground, GlimpseDecoder, alpha_centres, stitch
 from .encoder import (AppearanceEncoder, AttributeEncoder, FrameEncoding, add_features, encode_frame,
                       reparameterize)
 from .nn.blocks import init_conv_weights
@@ -109,16 +109,20 @@ class ParticleModel(nn.Module):
             return checkpoint(fn, *args, use_reentrant=False)   # replays the RNG too (noisy alpha)
         return fn(*args)
 
-    def decode_foreground(self, p: Particles, noisy: bool = False) -> Foreground:
-        """Stitched particles for particles of any leading shape."""
-        return self._recompute_in_backward(self._decode_foreground, p, noisy)
+    def decode_foreground(self, p: Particles, noisy: bool = False, centred: bool = False) -> Foreground:
+        """Stitched particles for particles of any leading shape. `centred`: the positions are
+        object centres (see `to_object_centres`), so each glimpse goes back to its own centre."""
+        return self._recompute_in_backward(self._decode_foreground, p, noisy, centred)
 
-    def _decode_foreground(self, p: Particles, noisy: bool) -> Foreground:
+    def _decode_foreground(self, p: Particles, noisy: bool, centred: bool = False) -> Foreground:
         lead = p.batch_shape
         n = len(lead)
         K, g = p.num_particles, self.config.glimpse_size
         decoded = self.glimpse_decoder(_flat(p.features, n + 1)).view(-1, K, 4, g, g)
-        fg = stitch(decoded, _flat(p.position, n), _flat(p.scale, n), _flat(p.depth, n),
+        position, scale = _flat(p.position, n), _flat(p.scale, n)
+        if centred:
+            position = position - alpha_centres(decoded, scale).to(position.dtype)
+        fg = stitch(decoded, position, scale, _flat(p.depth, n),
                     _flat(p.transparency, n), self.config.image_size, noisy)
         return Foreground(*(t.view(*lead, *t.shape[1:]) for t in
                             (fg.image, fg.bg_mask, fg.alpha_masks, fg.glimpses)))
@@ -155,8 +159,27 @@ class ParticleModel(nn.Module):
             chunk = max(1, max_images // B)
             if chunk < T:
                 return torch.cat([self.decode(p[:, s:s + chunk]) for s in range(0, T, chunk)], 1)
-        fg = self.decode_foreground(p)
+        fg = self.decode_foreground(p, centred=self.config.centred_positions)
         return fg.bg_mask * self.decode_background(p.bg_features) + fg.image
+
+    def to_object_centres(self, p: Particles) -> Particles:
+        """p with its positions (and position means) moved from the glimpse centres to the centres
+        of the objects the glimpse decoder draws there (`decoder.alpha_centres` of the mean
+        features and scale). A particle's glimpse centre is a gauge: the decoder can draw its
+        object anywhere in the glimpse, and trained models do, by up to a pixel per colour on
+        Balls; the object centre is where the particle's object is (docs/training.md)."""
+        features = p.features if p.features_mu is None else p.features_mu
+        scale = p.scale if p.scale_mu is None else p.scale_mu
+        lead, (K, g) = p.batch_shape, (p.num_particles, self.config.glimpse_size)
+        n = len(lead)
+        decoded = self.glimpse_decoder(_flat(features, n + 1)).view(-1, K, 4, g, g)
+        centre = p.position + alpha_centres(decoded, _flat(scale, n)).view(*lead, K, 2).to(p.position.dtype)
+        # The appearance encoder looked at the glimpse around the *sampled* position, so the object
+        # centre it describes is relative to that sample, in a stochastic posterior as well: it is
+        # the new mean (position_mu + shift would subtract the sampling noise from the centre).
+        # anchor + offset_mu is the mean the dynamics KL reads (losses.dynamics_kl): keep them agreeing
+        return p.replace(position=centre, position_mu=None if p.position_mu is None else centre,
+                         offset_mu=None if p.anchor is None else centre - p.anchor)
 
     # ------------------------------------------------------------------ persistence
     def save_pretrained(self, directory: str | Path, metrics: Optional[dict] = None) -> None:
@@ -275,11 +298,16 @@ class DDLP(ParticleModel):
         """Posterior particles of a clip [B, T, 3, H, W], background included."""
         self.check_input(frames, video=True)
         p, _, _ = self.track(frames, deterministic=deterministic)
-        return self.attach_background(frames, p, deterministic)[0]
+        p = self.attach_background(frames, p, deterministic)[0]     # its mask needs glimpse centres
+        return self.to_object_centres(p) if self.config.centred_positions else p
 
     def forward(self, x: Tensor, deterministic: bool = False, warmup: bool = False,
                 noisy: bool = False, train_proposer: bool = True, dynamics: bool = True) -> Output:
         self.check_input(x, video=True)
+        if self.config.centred_positions:
+            raise ValueError("centred_positions models are trained with glimpse centres: ELBO training sees "
+                             "them, only PINT (ddlp tune-pint) and inference see object centres; set "
+                             "centred_positions to false in the config to train the whole model")
         p, kp, glimpses = self.track(x, deterministic=deterministic, warmup=warmup, noisy=noisy,
                                      train_proposer=train_proposer)
         out = self.reconstruct(x, p, kp, glimpses, deterministic=deterministic, noisy=noisy)
@@ -306,7 +334,7 @@ class DDLP(ParticleModel):
 
 
 
-WEIGHTLESS_FIELDS = ("spread_anchors",)    # config fields that change no weight's shape or meaning
+WEIGHTLESS_FIELDS = ("spread_anchors", "centred_positions")    # config fields that change no weight's shape or meaning
 
 
 def reconfigured(model: ParticleModel, **fields) -> ParticleModel:

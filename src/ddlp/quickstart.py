@@ -52,6 +52,7 @@ def run(out_dir: str = "runs/quickstart", data_dir: str = "data/balls", minutes:
         train_episodes: int = 300, val_episodes: int = 16, test_episodes: int = 128, seed: int = 0,
         workers: int = 1, max_steps: int | None = None, pint_steps: int | None = None,
         position_only_trunk: bool = True, pint_velocity_input: bool = True, spread_anchors: bool = True,
+        centred_positions: bool = True,
         gif_episodes: int = 4,
         grad_clip: float | None = 1000.0, precision: str = "no",
         cond: int = PAPER_PROTOCOLS["balls"][0], horizon: int = PAPER_PROTOCOLS["balls"][1],
@@ -65,7 +66,9 @@ def run(out_dir: str = "runs/quickstart", data_dir: str = "data/balls", minutes:
     transparency head off.
     `position_only_trunk`: see ddlp.pint_tuning.tune_pint. `pint_velocity_input`: the PINT of
     the PINT phase (and of the final model) embeds each particle's last move; `spread_anchors`:
-    from the encode phase on, the first frame's particles start a glimpse apart (config fields)."""
+    from the encode phase on, the first frame's particles start a glimpse apart;
+    `centred_positions`: from the encode phase on, particle positions are the centres of the
+    objects they draw, so PINT learns and predicts those (config fields)."""
     from .data.balls import BallsDataset
     from .train import Trainer, TrainingError, TrainOptions
 
@@ -96,9 +99,11 @@ def run(out_dir: str = "runs/quickstart", data_dir: str = "data/balls", minutes:
     joint_seconds = time.time() - start
     model = ParticleModel.from_pretrained(out / "best") if (out / "best").is_dir() else trainer.model
     # the joint phase trains the preset's official model; the PINT phase starts a fresh PINT
-    # anyway, and may give it the velocity input. Spread anchors change no weight: the cached
-    # posteriors and the final model use them, the joint phase does not (docs/training.md)
-    model = with_fresh_pint(model, pint_velocity_input=pint_velocity_input, spread_anchors=spread_anchors)
+    # anyway, and may give it the velocity input. Spread anchors and centred positions change no
+    # weight: the cached posteriors and the final model use them, the joint phase does not
+    # (docs/training.md)
+    model = with_fresh_pint(model, pint_velocity_input=pint_velocity_input, spread_anchors=spread_anchors,
+                            centred_positions=centred_positions)
 
     start = time.time()
     clips = BallsDataset(root, "train", clip_len=min(CACHE_FRAMES, train_set.episode_len))

@@ -14,7 +14,7 @@ stand still or drift. The tuned model is written to --out (a model directory).
 examples:
   ddlp tune-pint runs/quickstart --data.root data/balls --out runs/quickstart/tuned
   ddlp tune-pint runs/obj3d/best --data.root data/obj3d --steps 5000 --clips 2048 --out runs/obj3d/tuned
-  ddlp tune-pint runs/balls --reset --position-only-trunk --spread-anchors --dropout 0 --max-minutes 10 --steps 100000 --out runs/balls/tuned
+  ddlp tune-pint runs/balls --reset --position-only-trunk --spread-anchors --centred-positions --dropout 0 --max-minutes 10 --steps 100000 --out runs/balls/tuned
 """
 
 
@@ -28,8 +28,8 @@ def cmd_tune_pint(args) -> int:
     model = ParticleModel.from_pretrained(path)
     if not isinstance(model, DDLP):
         raise ValueError(f"{path} is a single-image DLP model; tune-pint needs a DDLP (video) model")
-    if args.spread_anchors:
-        model = reconfigured(model, spread_anchors=True)
+    if args.spread_anchors or args.centred_positions:
+        model = reconfigured(model, **{k: True for k in ("spread_anchors", "centred_positions") if getattr(args, k)})
     config = model.config
     if args.frames is not None and args.frames < config.timestep_horizon + 1:
         raise ValueError(f"--frames must be at least timestep_horizon + 1 = {config.timestep_horizon + 1}")
@@ -73,6 +73,9 @@ def add_parser(sub) -> None:
                    "(docs/training.md)")
     p.add_argument("--spread-anchors", action="store_true", help="encode (and save the model) with the "
                    "first frame's particles started a glimpse apart, as the quickstart does (docs/training.md)")
+    p.add_argument("--centred-positions", action="store_true", help="PINT learns (and the saved model "
+                   "predicts) the centres of the objects the particles draw rather than their glimpse "
+                   "centres, as the quickstart does (docs/training.md)")
     p.add_argument("--dropout", type=float, help="PINT's dropout while it trains here (default: its own, "
                    "0.1; the quickstart uses 0: faster steps, better rollouts in a fixed time)")
     p.add_argument("--max-minutes", type=float, help="stop after this much time")
