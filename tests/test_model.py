@@ -402,3 +402,5 @@ def test_centred_positions_move_particles_not_pictures():
     with pytest.raises(ValueError, match="centred_positions models are trained with glimpse centres"):
         centred.train()(x)
     assert not Config().centred_positions
+    with pytest.raises(ConfigError, match="centred_positions is a DDLP option"):
+        small(model="dlp", centred_positions=True)

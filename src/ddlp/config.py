@@ -276,6 +276,8 @@ class Config(JsonConfig):
              f"unknown filtering_heuristic {self.filtering_heuristic!r}")
         need(not (self.model == "ddlp" and self.filtering_heuristic == "none"),
              "filtering_heuristic 'none' (particle mixer) is only available for the DLP model")
+        need(not (self.model == "dlp" and self.centred_positions),
+             "centred_positions is a DDLP option (PINT learns object centres); the DLP model has no PINT")
         need(self.kp_activation in ("tanh", "sigmoid"), f"unknown kp_activation {self.kp_activation!r}")
         need(list(self.kp_range) == [-1, 1], "only kp_range [-1, 1] is supported")
         need(not self.enable_enc_attn, "enable_enc_attn (unused by every published config) is not implemented")

@@ -1,6 +1,7 @@
 """The `Particles` type: the one vocabulary every part of ddlp speaks.
 
-A particle is a position (y, x) in [-1, 1] (row first, as in the official code), a scale
+A particle is a position (y, x) in [-1, 1] (row first, as in the official code; the centre of its
+glimpse, or of the object drawn in it for models with `centred_positions`), a scale
 (pre-sigmoid, (y, x): the glimpse covers sigmoid(scale) of the image per axis), a depth (smaller
 is in front), a transparency in [0, 1] and an appearance feature vector. Every image also has one
 background particle, represented by its feature vector. Each attribute comes with the parameters
