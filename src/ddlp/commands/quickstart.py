@@ -21,8 +21,8 @@ def add_parser(sub) -> None:
                        epilog=f"The budget is split: {JOINT_SHARE:.0%} joint training (the official ELBO and "
                        f"schedule; at most {JOINT_MAX_MINUTES:g} minutes), up to {ENCODE_SHARE:.0%} encoding "
                        "training clips with the encoder of the best validation PSNR (first-frame particles started a "
-                       "glimpse apart), the rest training a fresh PINT alone on those cached posteriors, without "
-                       "dropout (docs/training.md).")
+                       "glimpse apart, positions at the centres of the objects the particles draw), the rest "
+                       "training a fresh PINT alone on those cached posteriors, without dropout (docs/training.md).")
     p.add_argument("--out", default="runs/quickstart", help="run directory (default runs/quickstart)")
     p.add_argument("--data", default="data/balls", help="where the generated data go (default data/balls)")
     p.add_argument("--minutes", type=float, default=15.0, help="training budget in minutes, all phases "
