@@ -114,11 +114,15 @@ class ParticleModel(nn.Module):
         object centres (see `to_object_centres`), so each glimpse goes back to its own centre."""
         return self._recompute_in_backward(self._decode_foreground, p, noisy, centred)
 
+    def _decode_glimpses(self, features: Tensor) -> Tensor:
+        """RGBA glimpses [N, K, 4, g, g] of features [..., K, F], leading dims merged into N."""
+        K, g = features.shape[-2], self.config.glimpse_size
+        return self.glimpse_decoder(features.reshape(-1, features.shape[-1])).view(-1, K, 4, g, g)
+
     def _decode_foreground(self, p: Particles, noisy: bool, centred: bool = False) -> Foreground:
         lead = p.batch_shape
         n = len(lead)
-        K, g = p.num_particles, self.config.glimpse_size
-        decoded = self.glimpse_decoder(_flat(p.features, n + 1)).view(-1, K, 4, g, g)
+        decoded = self._decode_glimpses(p.features)
         position, scale = _flat(p.position, n), _flat(p.scale, n)
         if centred:
             position = position - alpha_centres(decoded, scale).to(position.dtype)
@@ -170,10 +174,8 @@ class ParticleModel(nn.Module):
         Balls; the object centre is where the particle's object is (docs/training.md)."""
         features = p.features if p.features_mu is None else p.features_mu
         scale = p.scale if p.scale_mu is None else p.scale_mu
-        lead, (K, g) = p.batch_shape, (p.num_particles, self.config.glimpse_size)
-        n = len(lead)
-        decoded = self.glimpse_decoder(_flat(features, n + 1)).view(-1, K, 4, g, g)
-        centre = p.position + alpha_centres(decoded, _flat(scale, n)).view(*lead, K, 2).to(p.position.dtype)
+        shift = alpha_centres(self._decode_glimpses(features), _flat(scale, len(p.batch_shape)))
+        centre = p.position + shift.view(p.position.shape).to(p.position.dtype)
         # The appearance encoder looked at the glimpse around the *sampled* position, so the object
         # centre it describes is relative to that sample, in a stochastic posterior as well: it is
         # the new mean (position_mu + shift would subtract the sampling noise from the centre).

@@ -28,8 +28,9 @@ def cmd_tune_pint(args) -> int:
     model = ParticleModel.from_pretrained(path)
     if not isinstance(model, DDLP):
         raise ValueError(f"{path} is a single-image DLP model; tune-pint needs a DDLP (video) model")
-    if args.spread_anchors or args.centred_positions:
-        model = reconfigured(model, **{k: True for k in ("spread_anchors", "centred_positions") if getattr(args, k)})
+    switches = {k: True for k in ("spread_anchors", "centred_positions") if getattr(args, k)}
+    if switches:
+        model = reconfigured(model, **switches)
     config = model.config
     if args.frames is not None and args.frames < config.timestep_horizon + 1:
         raise ValueError(f"--frames must be at least timestep_horizon + 1 = {config.timestep_horizon + 1}")
