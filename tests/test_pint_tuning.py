@@ -8,7 +8,8 @@ from test_train import Clips, tiny_config
 from ddlp.losses import dynamics_kl
 from ddlp.model import build_model
 from ddlp.pint import RelativeBias
-from ddlp.pint_tuning import PosteriorCache, encode_posteriors, resample, start_from_stand_still, tune_pint
+from ddlp.pint_tuning import (PosteriorCache, encode_posteriors, mirror, resample, start_from_stand_still,
+                              symmetry_centre, tune_pint)
 
 
 @pytest.fixture(scope="module")
@@ -142,9 +143,10 @@ def test_cli_tunes_a_saved_model(tmp_path, capsys, monkeypatch):
     assert main(["tune-pint", str(tmp_path / "model"), "--data.root", str(tmp_path / "data"),
                  "--out", str(tmp_path / "tuned"), "--steps", "3", "--clips", "4", "--frames", "12",
                  "--batch-size", "2", "--lr", "1e-3", "--bias-lr", "0.02", "--reset", "--position-only-trunk",
-                 "--spread-anchors", "--centred-positions", "--max-minutes", "1", "--dropout", "0",
+                 "--spread-anchors", "--centred-positions", "--max-minutes", "1", "--dropout", "0", "--symmetric",
                  "--seed", "1"]) == 0
     assert seen["dropout"] == 0 and seen["dropouts"] == {0.1} and seen["after"] == {0.0}
+    assert seen["symmetric"] is True
     out = capsys.readouterr().out
     assert "dynamics KL" in out and "on 4 clips" in out
     tuned_model = ParticleModel.from_pretrained(tmp_path / "tuned")
@@ -189,3 +191,52 @@ def test_tune_pint_can_train_without_dropout(cache):
     torch.testing.assert_close(model.pint(x).position_mu, model.pint(x).position_mu, rtol=0, atol=0)
     model.pint.set_dropout(0.1)
     assert ps() == {0.1} and not torch.equal(model.pint(x).position_mu, model.pint(x).position_mu)
+
+
+def test_mirror_draws_the_eight_symmetries_of_the_square_about_the_centre(cache):
+    _, c = cache
+    w = c.windows(256, 5, torch.Generator().manual_seed(0))
+    w = w.replace(scale=torch.randn_like(w.scale), scale_mu=torch.randn_like(w.scale))  # tell y from x
+    centre = torch.tensor([0.1, -0.2])
+    m = mirror(w, centre, torch.Generator().manual_seed(1))
+    d, dm = w.position - centre, m.position - centre
+    maps = set()
+    for i in range(len(d)):      # one map per window: the same signed permutation of every frame and particle
+        for swap in (False, True):
+            src = d[i].flip(-1) if swap else d[i]
+            sign = dm[i, 0, 0] / src[0, 0]
+            if torch.allclose(dm[i], src * sign.sign(), atol=1e-6):
+                maps.add((swap, *sign.sign().tolist()))
+                scale = w.scale_mu[i].flip(-1) if swap else w.scale_mu[i]
+                assert torch.equal(m.scale_mu[i], scale)
+                break
+        else:
+            raise AssertionError(f"window {i} is not mirrored rigidly")
+    assert len(maps) == 8
+    torch.testing.assert_close(m.position_mu, m.anchor + m.offset_mu)   # the KL's reading of the mean holds
+    assert torch.equal(m.features, w.features) and torch.equal(m.transparency, w.transparency)
+    # pairwise distances inside a frame are kept
+    torch.testing.assert_close(torch.cdist(m.position[:, 0], m.position[:, 0]),
+                               torch.cdist(w.position[:, 0], w.position[:, 0]))
+
+
+def test_symmetry_centre_is_the_middle_of_where_visible_particles_go(cache):
+    _, c = cache
+    torch.manual_seed(0)
+    p = c.particles
+    n = p.position_mu.numel() // 2
+    box = torch.rand(p.position_mu.shape) * torch.tensor([0.8, 1.2]) + torch.tensor([-0.3, -0.5])
+    visible = torch.rand(p.transparency_a.shape) < 0.5
+    # invisible particles sit anywhere and must not move the centre
+    mu = torch.where(visible[..., None], box, box + 5)
+    p = p.replace(position_mu=mu, transparency_a=torch.where(visible, 9.0, 1.0), transparency_b=torch.ones_like(mu[..., 0]))
+    torch.testing.assert_close(symmetry_centre(p, tail=0.0), torch.tensor([0.1, 0.1]), atol=0.02 + 10 / n, rtol=0)
+    hidden = p.replace(transparency_a=torch.ones_like(p.transparency_b))    # none on: the middle of all
+    torch.testing.assert_close(symmetry_centre(hidden, tail=0.0), (mu.amin((0, 1, 2)) + mu.amax((0, 1, 2))) / 2)
+
+
+def test_tune_pint_can_train_on_mirrored_windows(cache):
+    model, c = cache
+    stats = tune_pint(model, c, steps=3, batch_size=4, symmetric=True, progress=False)
+    assert stats["pint_steps"] == 3 and len(stats["pint_symmetry_centre"]) == 2
+    assert "pint_symmetry_centre" not in tune_pint(model, c, steps=1, batch_size=4, progress=False)

@@ -43,6 +43,7 @@ def test_quickstart_spends_its_budget_phase_by_phase(tmp_path):
     assert saved["encode_seconds"] <= 60 * ENCODE_SHARE * minutes + late
     assert 60 * minutes - 1 <= saved["budget_seconds"] <= 60 * minutes + 2 * late
     assert saved["joint_steps"] > 0 and saved["pint_steps"] > 0 and saved["pint_clips"] > 0
+    assert len(saved["pint_symmetry_centre"]) == 2     # PINT trained on mirrored windows
     # the paper's protocol with the baselines, on the held-out episodes
     assert saved["test_episodes"] == 2 and len(saved["med_per_step"]) == 10
     for key in ("med10_ground_truth_stand_still", "med10_ground_truth_constant_velocity", "psnr", "ssim", "recon_psnr"):
@@ -82,7 +83,7 @@ def test_a_diverging_joint_phase_leaves_its_time_to_pint(tmp_path, monkeypatch):
 
 def test_cli_runs_the_quickstart(tmp_path, capsys):
     rc = main(["quickstart", "--out", str(tmp_path / "run"), "--data", str(tmp_path / "data"), "--minutes", "0.1",
-               "--episodes", "2", "--test-episodes", "2", "--full-trunk", "--workers", "0", "--seed", "1",
+               "--episodes", "2", "--test-episodes", "2", "--full-trunk", "--no-mirror", "--workers", "0", "--seed", "1",
                "--no-progress"])
     out = capsys.readouterr().out
     assert rc == 0 and "budget 0.1 min" in out and "baseline stand_still: MED10" in out
@@ -90,3 +91,4 @@ def test_cli_runs_the_quickstart(tmp_path, capsys):
     # a model trained for seconds may lose every ball (MED NaN): only the report is checked here
     assert saved["minutes"] == 0.1 and "med10" in saved and saved["test_episodes"] == 2
     assert json.loads((tmp_path / "run" / "config.json").read_text())["seed"] == 1
+    assert "pint_symmetry_centre" not in saved          # --no-mirror

@@ -52,7 +52,7 @@ def run(out_dir: str = "runs/quickstart", data_dir: str = "data/balls", minutes:
         train_episodes: int = 300, val_episodes: int = 16, test_episodes: int = 128, seed: int = 0,
         workers: int = 1, max_steps: int | None = None, pint_steps: int | None = None,
         position_only_trunk: bool = True, pint_velocity_input: bool = True, spread_anchors: bool = True,
-        centred_positions: bool = True,
+        centred_positions: bool = True, symmetric: bool = True,
         gif_episodes: int = 4,
         grad_clip: float | None = 1000.0, precision: str = "no",
         cond: int = PAPER_PROTOCOLS["balls"][0], horizon: int = PAPER_PROTOCOLS["balls"][1],
@@ -68,7 +68,8 @@ def run(out_dir: str = "runs/quickstart", data_dir: str = "data/balls", minutes:
     the PINT phase (and of the final model) embeds each particle's last move; `spread_anchors`:
     from the encode phase on, the first frame's particles start a glimpse apart;
     `centred_positions`: from the encode phase on, particle positions are the centres of the
-    objects they draw, so PINT learns and predicts those (config fields)."""
+    objects they draw, so PINT learns and predicts those (config fields); `symmetric`: PINT trains
+    on windows mirrored by the square's symmetries (Balls has them; `tune_pint`)."""
     from .data.balls import BallsDataset
     from .train import Trainer, TrainingError, TrainOptions
 
@@ -113,7 +114,7 @@ def run(out_dir: str = "runs/quickstart", data_dir: str = "data/balls", minutes:
     pint_minutes = minutes - (time.time() - t0 - setup) / 60
     prior = tune_pint(model, cache, steps=pint_steps, max_minutes=max(pint_minutes, 0.0), reset=True,
                        position_only_trunk=position_only_trunk, dropout=PINT_DROPOUT, seed=seed,
-                       progress=progress)
+                       symmetric=symmetric, progress=progress)
     save_pretrained(model, out / "best")
     budget_used = time.time() - t0 - setup
 

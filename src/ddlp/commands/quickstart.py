@@ -6,7 +6,7 @@ def cmd_quickstart(args) -> int:
     from ..quickstart import run
     run(out_dir=args.out, data_dir=args.data, minutes=args.minutes, train_episodes=args.episodes,
         test_episodes=args.test_episodes, seed=args.seed, workers=args.workers,
-        position_only_trunk=not args.full_trunk, progress=not args.no_progress)
+        position_only_trunk=not args.full_trunk, symmetric=not args.no_mirror, progress=not args.no_progress)
     return 0
 
 
@@ -22,7 +22,8 @@ def add_parser(sub) -> None:
                        f"schedule; at most {JOINT_MAX_MINUTES:g} minutes), up to {ENCODE_SHARE:.0%} encoding "
                        "training clips with the encoder of the best validation PSNR (first-frame particles started a "
                        "glimpse apart, positions at the centres of the objects the particles draw), the rest "
-                       "training a fresh PINT alone on those cached posteriors, without dropout (docs/training.md).")
+                       "training a fresh PINT alone on those cached posteriors, without dropout, on windows "
+                       "mirrored by the square's symmetries (docs/training.md).")
     p.add_argument("--out", default="runs/quickstart", help="run directory (default runs/quickstart)")
     p.add_argument("--data", default="data/balls", help="where the generated data go (default data/balls)")
     p.add_argument("--minutes", type=float, default=15.0, help="training budget in minutes, all phases "
@@ -32,6 +33,8 @@ def add_parser(sub) -> None:
                    "evaluate on (default 128)")
     p.add_argument("--full-trunk", action="store_true", help="train PINT's transformer on every term of the "
                    "dynamics KL (default: the position term only; docs/training.md)")
+    p.add_argument("--no-mirror", action="store_true", help="train PINT on the cached windows as they are, "
+                   "not mirrored by random flips and axis swaps (docs/training.md)")
     p.add_argument("--workers", type=int, default=1, help="DataLoader workers (default 1)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true")

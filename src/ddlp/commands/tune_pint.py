@@ -14,7 +14,7 @@ stand still or drift. The tuned model is written to --out (a model directory).
 examples:
   ddlp tune-pint runs/quickstart --data.root data/balls --out runs/quickstart/tuned
   ddlp tune-pint runs/obj3d/best --data.root data/obj3d --steps 5000 --clips 2048 --out runs/obj3d/tuned
-  ddlp tune-pint runs/balls --reset --position-only-trunk --spread-anchors --centred-positions --dropout 0 --max-minutes 10 --steps 100000 --out runs/balls/tuned
+  ddlp tune-pint runs/balls --reset --position-only-trunk --spread-anchors --centred-positions --dropout 0 --symmetric --max-minutes 10 --steps 100000 --out runs/balls/tuned
 """
 
 
@@ -41,7 +41,8 @@ def cmd_tune_pint(args) -> int:
     cache = encode_posteriors(model, data, args.clips, frames=args.frames, seed=args.seed, progress=True)
     stats = tune_pint(model, cache, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                        bias_lr=args.bias_lr, reset=args.reset, position_only_trunk=args.position_only_trunk,
-                       seed=args.seed, max_minutes=args.max_minutes, dropout=args.dropout)
+                       seed=args.seed, max_minutes=args.max_minutes, dropout=args.dropout,
+                       symmetric=args.symmetric)
     save_pretrained(model, args.out)
     print(f"{info['source']} {path}: dynamics KL {stats['pint_loss_before']:.4g} -> "
           f"{stats['pint_loss_after']:.4g} after {stats['pint_steps']} steps on {stats['pint_clips']} clips; "
@@ -79,6 +80,9 @@ def add_parser(sub) -> None:
                    "centres, as the quickstart does (docs/training.md)")
     p.add_argument("--dropout", type=float, help="PINT's dropout while it trains here (default: its own, "
                    "0.1; the quickstart uses 0: faster steps, better rollouts in a fixed time)")
+    p.add_argument("--symmetric", action="store_true", help="mirror each training window by a random "
+                   "symmetry of the square (flips, axis swap), for scenes whose motion has them, such as "
+                   "Balls (docs/training.md)")
     p.add_argument("--max-minutes", type=float, help="stop after this much time")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--use-last", action="store_true", help="in a run directory, use the latest checkpoint")
