@@ -166,3 +166,23 @@ def test_clip_selection_uses_episode_starts():
     assert clip_indices(Table(), "first") == [0, 2]
     assert clip_indices(Table(), "all") == [0, 1, 2, 3, 4]
     assert (default_clips("traffic"), default_clips("obj3d"), default_clips("balls")) == ("all", "first", "first")
+
+
+def test_tokens_of_a_centred_model_decode_to_its_frames():
+    """DiffuseDDLP stores positions as the DDLP encodes them: with centred_positions, object
+    centres, which its decode moves back to glimpse centres from the features and scales the
+    tokens keep."""
+    from test_model import small
+
+    from ddlp import DDLP
+    from ddlp.data.synthetic import moving_discs
+    from ddlp.model import reconfigured
+    x = moving_discs(frames=3, size=64, batch=2, n_discs=2, seed=2)
+    plain = DDLP(small(timestep_horizon=2)).eval()
+    centred = reconfigured(plain, centred_positions=True).eval()
+    with torch.no_grad():
+        p, q = plain.encode(x), centred.encode(x)
+        layout = TokenLayout(q.num_particles, q.features.shape[-1], q.bg_features.shape[-1])
+        back = from_tokens(to_tokens(q, layout), layout)
+        assert not torch.allclose(back.position, p.position, atol=1e-3)
+        torch.testing.assert_close(centred.decode(back), plain.decode(p), atol=1e-5, rtol=0)
