@@ -86,8 +86,8 @@ def resample(p: Particles) -> Particles:
 def symmetry_centre(p: Particles, visible: float = 0.5, tail: float = 1e-3) -> Tensor:
     """(y, x) centre of the region the visible particles of `p` move in: the midpoint of the
     `tail` and 1 - `tail` quantiles of their posterior means. In a box with walls (Balls) the
-    objects reach every wall, and this is the centre the box is symmetric about, wherever the
-    renderer puts it (0.47 px off the image centre on Balls)."""
+    objects reach every wall, and this is the centre the box is symmetric about, read from the
+    particles rather than assumed (on Balls it comes out 0.05 px from the image centre)."""
     keep = p.transparency_a / (p.transparency_a + p.transparency_b) > visible
     mu = p.position_mu[keep if keep.any() else torch.ones_like(keep)].float()   # all, if none is on
     if mu.shape[0] > 2 ** 20:      # torch.quantile's limit on its input; a subsample is as good here
