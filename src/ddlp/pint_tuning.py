@@ -85,11 +85,21 @@ def resample(p: Particles) -> Particles:
 
 def symmetry_centre(p: Particles, visible: float = 0.5, tail: float = 1e-3) -> Tensor:
     """(y, x) centre of the region the visible particles of `p` move in: the midpoint of the
-    `tail` and 1 - `tail` quantiles of their posterior means. In a box with walls (Balls) the
-    objects reach every wall, and this is the centre the box is symmetric about, read from the
-    particles rather than assumed (on Balls it comes out 0.05 px from the image centre)."""
-    keep = p.transparency_a / (p.transparency_a + p.transparency_b) > visible
-    mu = p.position_mu[keep if keep.any() else torch.ones_like(keep)].float()   # all, if none is on
+    `tail` and 1 - `tail` quantiles of their posterior means inside the image ([-1, 1]). In a box
+    with walls (Balls) the objects reach every wall, and this is the centre the box is symmetric
+    about, read from the particles rather than assumed (on Balls it comes out 0.05 px from the
+    image centre). Particles off the image draw nothing, so they say nothing about the box; one
+    Balls encoder kept 1.3 % of its visible particles near x = -2.7, which put the centre at
+    x = -0.86 before they were left out."""
+    mu = p.position_mu.float()
+    on = p.transparency_a / (p.transparency_a + p.transparency_b) > visible
+    inside = (mu.abs() <= 1).all(-1)
+    for keep in (on & inside, on):
+        if keep.any():
+            mu = mu[keep]
+            break
+    else:                                   # none is on: all of them
+        mu = mu.reshape(-1, 2)
     if mu.shape[0] > 2 ** 20:      # torch.quantile's limit on its input; a subsample is as good here
         mu = mu[torch.randperm(mu.shape[0], generator=torch.Generator().manual_seed(0))[: 2 ** 20]]
     return (torch.quantile(mu, tail, dim=0) + torch.quantile(mu, 1 - tail, dim=0)) / 2
