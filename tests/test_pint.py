@@ -118,9 +118,11 @@ def stepwise(pint, history, steps):
     return history
 
 
-@pytest.mark.parametrize("relative_bias", [True, False])
-def test_rollout_is_pint_step_with_a_sliding_window(relative_bias):
-    pint = make(relative_bias=relative_bias)
+@pytest.mark.parametrize("relative_bias,velocity_input", [(True, False), (False, False), (True, True)])
+def test_rollout_is_pint_step_with_a_sliding_window(relative_bias, velocity_input):
+    # the rollout embeds each frame once and slides the tokens; with velocity input the frame
+    # that becomes a window's first must lose its move, as `step` (which embeds the window) has it
+    pint = make(relative_bias=relative_bias, velocity_input=velocity_input)
     p = random_particles(T=3)
     out = pint.rollout(p, 6)
     assert out.batch_shape == (2, 9)
@@ -176,3 +178,42 @@ def test_velocity_input_embeds_the_last_move():
     move = (p.position[:, 2] - p.position[:, 1]) * e.VELOCITY_SCALE
     assert torch.allclose(tokens[:, 2], without_motion(2) + e.velocity(move), atol=1e-6)
     assert torch.allclose(tokens[:, 0], without_motion(0) + e.velocity(torch.zeros(2)), atol=1e-6)
+
+
+def packed_trunk_runs() -> bool:
+    from ddlp.pint import PackedTrunk
+    return PackedTrunk.available()
+
+
+@pytest.mark.skipif(not packed_trunk_runs(), reason="the packed bf16 trunk needs a CPU with native bf16 (AMX or AVX512-BF16)")
+@pytest.mark.parametrize("last_frame_only", [False, True])
+def test_packed_trunk_is_as_accurate_as_bf16_autocast(last_frame_only):
+    from ddlp.pint import PackedTrunk
+    pint = make(dim=64, heads=4, layers=3, relative_bias=True)
+    for p in pint.parameters():          # trained-looking weights, not the near-zero initialisation
+        p.data.normal_(0, 0.2) if p.dim() > 1 else p.data.uniform_(0.5, 1.5)
+    with torch.no_grad():
+        tokens = pint.embedding(random_particles(B=2, T=4))
+        ref = pint.trunk(tokens, last_frame_only)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            autocast = pint.trunk(tokens, last_frame_only).float()
+            packed = PackedTrunk(pint)(tokens, last_frame_only).float()
+    assert packed.shape == ref.shape and packed.dtype == torch.float32
+    err_autocast, err_packed = (autocast - ref).abs().max(), (packed - ref).abs().max()
+    # the same roundings but one (GELU is applied before, not after, fc1's bf16 rounding)
+    assert err_packed <= 1.5 * err_autocast + 1e-3, (float(err_packed), float(err_autocast))
+    assert err_packed <= 0.02 * ref.abs().max()
+
+
+@pytest.mark.skipif(not packed_trunk_runs(), reason="the packed bf16 trunk needs a CPU with native bf16 (AMX or AVX512-BF16)")
+def test_bf16_rollouts_on_the_cpu_use_the_packed_trunk(monkeypatch):
+    from ddlp.pint import PackedTrunk
+    calls = []
+    original = PackedTrunk.__call__
+    monkeypatch.setattr(PackedTrunk, "__call__", lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
+    pint, p = make(), random_particles(T=3)
+    pint.rollout(p, 2)
+    assert calls == []                                           # fp32: the plain trunk
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = pint.rollout(p, 2)
+    assert len(calls) == 2 and out.batch_shape == (2, 5)

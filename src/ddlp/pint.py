@@ -8,6 +8,7 @@ relative bias per layer and head, split into a time table (offset tk - tq) and a
 """
 from __future__ import annotations
 
+import functools
 from typing import Callable, Optional
 
 import torch
@@ -43,14 +44,22 @@ class ParticleEmbedding(nn.Module):
 
     def forward(self, p: Particles) -> Tensor:
         """[B, T, K, ...] particles -> tokens [B, T, K + 1, D]."""
+        tokens = self.still(p)
+        if self.velocity is not None:
+            tokens = tokens + self.motion(F.pad(p.position[:, 1:] - p.position[:, :-1], (0, 0, 0, 0, 1, 0)))
+        return tokens
+
+    def still(self, p: Particles) -> Tensor:
+        """Tokens [B, T, K + 1, D] without the motion term: each frame's depend on that frame only."""
         fg = torch.cat([self.position(p.position), self.scale(p.scale),
                         self.transparency(p.transparency[..., None]), self.depth(p.depth),
                         self.features(p.features)], -1)
-        tokens = self.particle(fg)
-        if self.velocity is not None:
-            moved = F.pad(p.position[:, 1:] - p.position[:, :-1], (0, 0, 0, 0, 1, 0))
-            tokens = tokens + self.velocity(moved * self.VELOCITY_SCALE)
-        return torch.cat([tokens, self.background(p.bg_features)[..., None, :]], -2)
+        return torch.cat([self.particle(fg), self.background(p.bg_features)[..., None, :]], -2)
+
+    def motion(self, moved: Tensor) -> Tensor:
+        """The velocity term [B, T, K + 1, D] of position changes `moved` [B, T, K, 2] (none on
+        the background token)."""
+        return F.pad(self.velocity(moved * self.VELOCITY_SCALE), (0, 0, 0, 1))
 
 
 class RelativeBias(nn.Module):
@@ -205,15 +214,21 @@ class PINT(nn.Module):
         B, T, N, D = tokens.shape
         if T > self.max_frames:
             raise ValueError(f"PINT sees at most {self.max_frames} frames at once, got {T}")
-        if self.absolute is not None:   # "No RPE" ablation: learned absolute time/particle codes
-            tokens = tokens + self.absolute[0][:T, None] + self.absolute[1]
-        x = tokens.permute(0, 2, 1, 3).reshape(B, N * T, D)
+        x = self.flat_tokens(tokens)
         last = torch.arange(N, device=x.device) * T + T - 1 if last_frame_only else None
         for i, block in enumerate(self.blocks):
             final = i == len(self.blocks) - 1
             x = block(x, block.attn.attention_mask(N, T, x), last if final else None)
         x = self.head(self.ln_f(x))
         return x.view(B, N, -1, D).permute(0, 2, 1, 3)
+
+    def flat_tokens(self, tokens: Tensor) -> Tensor:
+        """tokens [B, T, N, D] -> the trunk's input [B, N*T, D] (particle-major), with the "No RPE"
+        ablation's learned absolute time/particle codes where the model has them."""
+        B, T, N, D = tokens.shape
+        if self.absolute is not None:
+            tokens = tokens + self.absolute[0][:T, None] + self.absolute[1]
+        return tokens.permute(0, 2, 1, 3).reshape(B, N * T, D)
 
     def forward(self, p: Particles, position_only_trunk: bool = False) -> Particles:
         """Particles [B, T, K, ...] (values only are read) -> prior of frames 1..T [B, T, K, ...].
@@ -264,8 +279,11 @@ class PINT(nn.Module):
     def step(self, history: Particles, deterministic: bool = True) -> Particles:
         """Next-frame particles [B, K, ...] from the last `max_frames` frames of `history`."""
         window = history[:, -self.max_frames:]
-        h = self.trunk(self.embedding(window), last_frame_only=True)[:, -1]
-        prior = self.read(h, window[:, -1], min_beta=1e-5)
+        return self._next(self.embedding(window), window[:, -1], deterministic, self.trunk)
+
+    def _next(self, tokens: Tensor, last: Particles, deterministic: bool, trunk: Callable) -> Particles:
+        """The frame after tokens [B, T, N, D] of a window whose last frame is `last` [B, K, ...]."""
+        prior = self.read(trunk(tokens, last_frame_only=True)[:, -1], last, min_beta=1e-5)
         if deterministic:
             return prior
         position = reparameterize(prior.position_mu, prior.position_logvar, False)
@@ -283,16 +301,112 @@ class PINT(nn.Module):
                 progress: bool = False) -> Particles:
         """Extend particles [B, T, K, ...] by `steps` PINT steps: [B, T + steps, K, ...] (values
         only). Each step sees the last `max_frames` frames. `edit(t, p)`, if given, may change
-        each new frame t (p: [B, 1, K, ...]) before the next step sees it."""
+        each new frame t (p: [B, 1, K, ...]) before the next step sees it.
+
+        The same as calling `step` on the growing history, but a frame's tokens are embedded
+        once, when it arrives, and slide along with the window (a step embeds one frame, not
+        max_frames). Under bf16 autocast on a CPU with native bf16 the transformer runs as a
+        `PackedTrunk`."""
         from tqdm import tqdm
-        T0 = history.batch_shape[1]
+        T0, M, emb = history.batch_shape[1], self.max_frames, self.embedding
         out = [history.values()]
-        window = out[0][:, -self.max_frames:]
+        window = out[0][:, -M:]
+        last = window[:, -1]
+        trunk = PackedTrunk(self) if PackedTrunk.applies(self, window.position) else self.trunk
+        still = emb.still(window)
+        if emb.velocity is not None:    # a window's first frame has not moved: its term is motion(0)
+            moves = emb.motion(F.pad(window.position[:, 1:] - window.position[:, :-1], (0, 0, 0, 0, 1, 0)))
+            at_rest = moves[:, :1]
         for t in tqdm(range(T0, T0 + steps), desc="rollout", disable=not progress, leave=False):
-            nxt = self.step(window, deterministic).values().map(lambda v: v.unsqueeze(1))
+            tokens = still if emb.velocity is None else still + torch.cat([at_rest, moves[:, 1:]], 1)
+            nxt = self._next(tokens, last, deterministic, trunk).values().map(lambda v: v.unsqueeze(1))
             if edit is not None:
                 nxt = edit(t, nxt)
             out.append(nxt)
             # a bounded window keeps every step's cost the same, however long the rollout
-            window = Particles.cat([window, nxt])[:, -self.max_frames:]
+            still = torch.cat([still, emb.still(nxt)], 1)[:, -M:]
+            if emb.velocity is not None:
+                moves = torch.cat([moves, emb.motion(nxt.position - last.position[:, None])], 1)[:, -M:]
+            last = nxt[:, -1]
         return Particles.cat(out)
+
+
+class PackedTrunk:
+    """`PINT.trunk` for bf16 inference on a CPU: the same computation as under bf16 autocast, with
+    each linear's weight cast and laid out for oneDNN once per rollout instead of at every call,
+    query/key/value as one matmul and GELU fused into the first MLP layer.
+
+    A rollout step is ~25 small matmuls (70 tokens at Balls size), where the per-call weight
+    reorder and autocast's casts cost as much as the arithmetic (docs/performance.md). LayerNorms
+    take bf16 and return bf16 while computing in float32: autocast returns float32 there, which the
+    next linear rounds to bf16 anyway."""
+
+    def __init__(self, pint: PINT):
+        self.pint = pint
+        self.blocks = [dict(block=b, proj=self._pack(b.attn.proj), fc1=self._pack(b.mlp[0]), fc2=self._pack(b.mlp[2]))
+                       for b in pint.blocks]
+        for p in self.blocks[:-1]:
+            p["qkv"] = self._pack(p["block"].attn.query, p["block"].attn.key, p["block"].attn.value)
+        last = self.blocks[-1]      # a rollout step asks it for the last frame's queries only
+        last.update(q=self._pack(last["block"].attn.query), kv=self._pack(last["block"].attn.key, last["block"].attn.value),
+                    qkv=self._pack(last["block"].attn.query, last["block"].attn.key, last["block"].attn.value))
+        self.head = self._pack(pint.head)
+
+    @staticmethod
+    def applies(pint: PINT, ref: Tensor) -> bool:
+        """Whether a rollout of `pint` on tensors like `ref` should use a PackedTrunk: on a CPU
+        with native bf16, under bf16 autocast, without gradients."""
+        return (ref.device.type == "cpu" and not torch.is_grad_enabled() and not pint.training
+                and torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+                and PackedTrunk.available())
+
+    @staticmethod
+    @functools.cache
+    def available() -> bool:
+        """Native bf16 on this CPU, and oneDNN's packed linear (a torch-internal op) present and
+        agreeing with F.linear on a small case: otherwise rollouts keep the plain trunk."""
+        from .nn.precision import native_bf16
+        if not native_bf16("cpu")[0] or not hasattr(torch.ops.mkldnn, "_reorder_linear_weight"):
+            return False
+        try:
+            layer = nn.Linear(32, 48)
+            x = torch.randn(1, 5, 32).to(torch.bfloat16)
+            with torch.no_grad():
+                got = PackedTrunk._linear(x, PackedTrunk._pack(layer), gelu=True).float()
+                want = F.gelu(F.linear(x.float(), layer.weight.to(torch.bfloat16).float(), layer.bias.to(torch.bfloat16).float()))
+            return got.shape == want.shape and bool((got - want).abs().max() < 0.05)
+        except RuntimeError:
+            return False
+
+    @staticmethod
+    def _pack(*linears: nn.Linear) -> tuple[Tensor, Optional[Tensor]]:
+        weight = torch.cat([m.weight for m in linears]).detach().to(torch.bfloat16)
+        bias = None if linears[0].bias is None else torch.cat([m.bias for m in linears]).detach().to(torch.bfloat16)
+        return torch.ops.mkldnn._reorder_linear_weight(weight, None), bias
+
+    @staticmethod
+    def _linear(x: Tensor, packed: tuple[Tensor, Optional[Tensor]], gelu: bool = False) -> Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x, packed[0], packed[1], "gelu" if gelu else "none", [],
+                                                  "none" if gelu else "")
+
+    def __call__(self, tokens: Tensor, last_frame_only: bool = False) -> Tensor:
+        B, T, N, D = tokens.shape
+        with torch.autocast("cpu", enabled=False):
+            x = self.pint.flat_tokens(tokens).to(torch.bfloat16)
+            last = torch.arange(N) * T + T - 1 if last_frame_only else None
+            for i, p in enumerate(self.blocks):
+                block = p["block"]
+                attn, heads = block.attn, block.attn.heads
+                mask = attn.attention_mask(N, T, x)
+                h = block.ln1(x)
+                split = lambda t, n: t.view(B, -1, n, heads, D // heads).permute(2, 0, 3, 1, 4)  # noqa: E731
+                if last is not None and i == len(self.blocks) - 1:
+                    q, (k, v) = split(self._linear(h[:, last], p["q"]), 1)[0], split(self._linear(h, p["kv"]), 2)
+                    x, mask = x[:, last], mask[..., last, :]
+                else:
+                    q, k, v = split(self._linear(h, p["qkv"]), 3)
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+                x = x + self._linear(y.transpose(1, 2).reshape(B, x.shape[1], D), p["proj"])
+                x = x + self._linear(self._linear(block.ln2(x), p["fc1"], gelu=True), p["fc2"])
+            x = self._linear(self.pint.ln_f(x), self.head)
+        return x.view(B, N, -1, D).permute(0, 2, 1, 3)
