@@ -46,8 +46,13 @@ class ParticleEmbedding(nn.Module):
         """[B, T, K, ...] particles -> tokens [B, T, K + 1, D]."""
         tokens = self.still(p)
         if self.velocity is not None:
-            tokens = tokens + self.motion(F.pad(p.position[:, 1:] - p.position[:, :-1], (0, 0, 0, 0, 1, 0)))
+            tokens = tokens + self.motion(self.moved(p.position))
         return tokens
+
+    @staticmethod
+    def moved(position: Tensor) -> Tensor:
+        """Each frame's change of position [B, T, K, 2] since the previous frame (zero in the first)."""
+        return F.pad(position[:, 1:] - position[:, :-1], (0, 0, 0, 0, 1, 0))
 
     def still(self, p: Particles) -> Tensor:
         """Tokens [B, T, K + 1, D] without the motion term: each frame's depend on that frame only."""
@@ -315,7 +320,7 @@ class PINT(nn.Module):
         trunk = PackedTrunk(self) if PackedTrunk.applies(self, window.position) else self.trunk
         still = emb.still(window)
         if emb.velocity is not None:    # a window's first frame has not moved: its term is motion(0)
-            moves = emb.motion(F.pad(window.position[:, 1:] - window.position[:, :-1], (0, 0, 0, 0, 1, 0)))
+            moves = emb.motion(emb.moved(window.position))
             at_rest = moves[:, :1]
         for t in tqdm(range(T0, T0 + steps), desc="rollout", disable=not progress, leave=False):
             tokens = still if emb.velocity is None else still + torch.cat([at_rest, moves[:, 1:]], 1)
@@ -394,12 +399,12 @@ class PackedTrunk:
         with torch.autocast("cpu", enabled=False):
             x = self.pint.flat_tokens(tokens).to(torch.bfloat16)
             last = torch.arange(N) * T + T - 1 if last_frame_only else None
+            heads = self.pint.blocks[0].attn.heads
+            split = lambda t, n: t.view(B, -1, n, heads, D // heads).permute(2, 0, 3, 1, 4)  # noqa: E731
             for i, p in enumerate(self.blocks):
                 block = p["block"]
-                attn, heads = block.attn, block.attn.heads
-                mask = attn.attention_mask(N, T, x)
+                mask = block.attn.attention_mask(N, T, x)
                 h = block.ln1(x)
-                split = lambda t, n: t.view(B, -1, n, heads, D // heads).permute(2, 0, 3, 1, 4)  # noqa: E731
                 if last is not None and i == len(self.blocks) - 1:
                     q, (k, v) = split(self._linear(h[:, last], p["q"]), 1)[0], split(self._linear(h, p["kv"]), 2)
                     x, mask = x[:, last], mask[..., last, :]
