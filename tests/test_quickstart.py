@@ -6,7 +6,7 @@ import pytest
 from PIL import Image
 
 from ddlp.cli import main
-from ddlp.quickstart import ENCODE_SHARE, JOINT_MAX_MINUTES, JOINT_SHARE, run, split_budget
+from ddlp.quickstart import ENCODE_SHARE, JOINT_SHARE, JOINT_STEPS, run, split_budget
 
 TINY = dict(enc_channels=[8, 16, 16], prior_channels=[8, 8, 16], n_kp_enc=3, n_kp_prior=6,
             learned_feature_dim=2, pint_dim=16, pint_heads=2, pint_layers=1, timestep_horizon=4,
@@ -14,15 +14,30 @@ TINY = dict(enc_channels=[8, 16, 16], prior_channels=[8, 8, 16], n_kp_enc=3, n_k
 
 
 def test_the_budget_split_is_the_documented_one():
+    # joint training stops at JOINT_STEPS or at its share, whichever comes first; PINT gets the rest
+    assert JOINT_STEPS == 1800
     assert split_budget(15) == pytest.approx(dict(joint=6.0, encode=0.75, pint=8.25))
-    assert split_budget(60) == pytest.approx(dict(joint=6.0, encode=3.0, pint=51.0))
+    assert split_budget(60) == pytest.approx(dict(joint=24.0, encode=3.0, pint=33.0))
     for minutes in (1, 15, 16, 60):
         b = split_budget(minutes)
-        assert b["joint"] == pytest.approx(min(JOINT_SHARE * minutes, JOINT_MAX_MINUTES))
+        assert b["joint"] == pytest.approx(JOINT_SHARE * minutes)
         assert b["encode"] == pytest.approx(ENCODE_SHARE * minutes)
         assert sum(b.values()) == pytest.approx(minutes)
     with pytest.raises(ValueError, match="positive"):
         split_budget(0)
+
+
+def test_quickstart_joint_phase_stops_at_its_step_count(tmp_path):
+    """With steps to spare in its share, the joint phase stops at `max_steps` (JOINT_STEPS by
+    default) and PINT gets the time it leaves."""
+    minutes = 0.15
+    metrics = run(out_dir=str(tmp_path / "run"), data_dir=str(tmp_path / "data"), minutes=minutes,
+                  train_episodes=2, val_episodes=1, test_episodes=2, workers=0, cond=4, horizon=14,
+                  max_steps=2, progress=False, **TINY)
+    assert metrics["joint_steps"] == 2
+    assert metrics["joint_seconds"] < 60 * JOINT_SHARE * minutes
+    assert 60 * minutes - 1 <= metrics["budget_seconds"] <= 60 * minutes + 10
+    assert metrics["pint_seconds"] > 60 * (1 - JOINT_SHARE - ENCODE_SHARE) * minutes
 
 
 def test_quickstart_spends_its_budget_phase_by_phase(tmp_path):
