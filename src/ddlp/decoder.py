@@ -7,7 +7,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .nn.blocks import ConvBlock, ConvEncoder, ConvStack, background_decoder_plan, glimpse_decoder_plan, mlp, upsampling_plan
+from .nn.blocks import (ConvBlock, ConvEncoder, ConvStack, background_decoder_plan, glimpse_decoder_plan, mlp,
+                        run_blocks, upsampling_plan)
 from .nn.glimpse import paste, square_masks
 
 
@@ -95,6 +96,7 @@ class Background(nn.Module):
         return mu, logvar
 
     def decode(self, features: Tensor) -> Tensor:
-        h = self.upsample(self.decoder_mlp(features).view(-1, 32, 8, 8))
-        return torch.sigmoid(self.decoder_cnn(h))
+        # one sequence, so that the last upsample folds into the decoder's first conv
+        h = run_blocks([*self.upsample, *self.decoder_cnn], self.decoder_mlp(features).view(-1, 32, 8, 8))
+        return torch.sigmoid(h)
 

@@ -68,11 +68,42 @@ class _ReplicatePad(torch.autograd.Function):
         return grad_in, None, None
 
 
+def _bilinear_taps() -> torch.Tensor:
+    """[2, 3, 3]: for output phase a of a x2 bilinear upsample (align_corners=False), the weights
+    that tap d of a 3x3 kernel centred on upsampled pixel 2i + a gives to input pixels i-1, i, i+1.
+    Upsampled pixel 2m is 0.75 x[m] + 0.25 x[m-1] and 2m + 1 is 0.75 x[m] + 0.25 x[m+1]; with the
+    input replicate-padded by one this holds at the borders too, and tap -1 / 2n of the upsampled
+    image is then its replicate padding."""
+    taps = torch.zeros(2, 3, 3)
+    for a in range(2):
+        for d in range(3):
+            m, odd = divmod(a - 1 + d, 2)
+            taps[a, d, 1 + m] += 0.75
+            taps[a, d, 1 + m + (1 if odd else -1)] += 0.25
+    return taps
+
+
+_TAPS = _bilinear_taps()
+
+
+def fold_upsample(weight: torch.Tensor) -> torch.Tensor:
+    """A 3x3 conv weight [C_out, C_in, 3, 3] applied to a x2 bilinear upsample -> the weight
+    [4 C_out, C_in, 3, 3] of the same map on the input itself, one output channel per
+    (channel, row phase, column phase) in `F.pixel_shuffle` order."""
+    taps = _TAPS.to(weight.device, weight.dtype)
+    folded = torch.einsum("adi,bej,ocde->oabcij", taps, taps, weight)
+    return folded.reshape(-1, *weight.shape[1:]).contiguous(memory_format=torch.channels_last)
+
+
 class ConvBlock(nn.Module):
     """[replicate pad] -> conv -> [GroupNorm] -> [ReLU] -> [bilinear x2 upsample].
 
     `forward(x, relu_first=True)` applies the previous block's ReLU before the padding, and
-    `defer_relu=True` leaves this block's ReLU to the next block (see ConvStack)."""
+    `defer_relu=True` leaves this block's ReLU to the next block (see ConvStack).
+    `upsampled=True` takes x at half the block's resolution for its x2 bilinear upsample, which is
+    never built: the upsample is folded into the conv (`fold_upsample`, then `F.pixel_shuffle`),
+    the same map with the same FLOPs, without the two largest activations (the upsample and its
+    padding) of a decoder. `skip_upsample=True` leaves this block's upsample to the next block."""
 
     def __init__(self, spec: LayerSpec, replicate_pad: bool = True):
         super().__init__()
@@ -82,34 +113,47 @@ class ConvBlock(nn.Module):
                               padding=0 if replicate_pad else pad, bias=spec.bias)
         self.norm = group_norm(spec.c_out) if spec.norm else None
         self.act, self.upsample = spec.act, spec.upsample
+        # only the replicate-padded 3x3 stride-1 conv has the folded form above
+        self.folds_upsample = self.pad == 1 and spec.kernel == 3 and spec.stride == 1
 
-    def forward(self, x: torch.Tensor, relu_first: bool = False, defer_relu: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, relu_first: bool = False, defer_relu: bool = False,
+                upsampled: bool = False, skip_upsample: bool = False) -> torch.Tensor:
         if self.pad:
             x = _ReplicatePad.apply(x, self.pad, relu_first)
         elif relu_first:
             x = torch.relu(x)
-        x = self.conv(x)
+        if upsampled:
+            bias = None if self.conv.bias is None else self.conv.bias.repeat_interleave(4)
+            x = F.pixel_shuffle(F.conv2d(x, fold_upsample(self.conv.weight), bias), 2)
+        else:
+            x = self.conv(x)
         if self.norm is not None:
             x = self.norm(x)
         if self.act and not defer_relu:
             x = torch.relu(x)
-        if self.upsample:
+        if self.upsample and not skip_upsample:
             x = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
         return x
 
 
+def run_blocks(blocks: list[ConvBlock], x: torch.Tensor) -> torch.Tensor:
+    """ConvBlocks in sequence. Where a block's ReLU feeds the next block's padding directly, the
+    two run as one op that keeps a single activation for backward instead of two; where its
+    upsample feeds a block that can fold it, that block does (ConvBlock)."""
+    pending = folded = False
+    for block, nxt in zip(blocks, blocks[1:] + [None]):
+        fold = block.upsample and nxt is not None and nxt.folds_upsample
+        defer = block.act and nxt is not None and nxt.pad > 0 and (fold or not block.upsample)
+        x = block(x, relu_first=pending, defer_relu=defer, upsampled=folded, skip_upsample=fold)
+        pending, folded = defer, fold
+    return x
+
+
 class ConvStack(nn.Sequential):
-    """ConvBlocks in sequence. Where a block's ReLU feeds the next block's padding directly,
-    the two run as one op that keeps a single activation for backward instead of two."""
+    """ConvBlocks in sequence (`run_blocks`)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        blocks = list(self)
-        pending = False
-        for block, nxt in zip(blocks, blocks[1:] + [None]):
-            defer = block.act and not block.upsample and nxt is not None and nxt.pad > 0
-            x = block(x, relu_first=pending, defer_relu=defer)
-            pending = defer
-        return x
+        return run_blocks(list(self), x)
 
 
 def encoder_plan(c_in: int, channels: list[int], side: int, first_kernel: int = 3) -> list[LayerSpec]:
