@@ -181,23 +181,30 @@ def test_velocity_input_embeds_the_last_move():
 
 
 def packed_trunk_runs() -> bool:
-    from ddlp.pint import PackedTrunk
-    return PackedTrunk.available()
+    from ddlp.pint import PackedPINT
+    return PackedPINT.available()
 
 
-@pytest.mark.skipif(not packed_trunk_runs(), reason="the packed bf16 trunk needs a CPU with native bf16 (AMX or AVX512-BF16)")
+NEEDS_PACKED = pytest.mark.skipif(not packed_trunk_runs(), reason="the packed bf16 PINT needs a CPU with native bf16 (AMX or AVX512-BF16)")
+
+
+def trained_looking(pint):
+    for p in pint.parameters():          # not the near-zero initialisation
+        p.data.normal_(0, 0.2) if p.dim() > 1 else p.data.uniform_(0.5, 1.5)
+    return pint
+
+
+@NEEDS_PACKED
 @pytest.mark.parametrize("last_frame_only", [False, True])
 def test_packed_trunk_is_as_accurate_as_bf16_autocast(last_frame_only):
-    from ddlp.pint import PackedTrunk
-    pint = make(dim=64, heads=4, layers=3, relative_bias=True)
-    for p in pint.parameters():          # trained-looking weights, not the near-zero initialisation
-        p.data.normal_(0, 0.2) if p.dim() > 1 else p.data.uniform_(0.5, 1.5)
+    from ddlp.pint import PackedPINT
+    pint = trained_looking(make(dim=64, heads=4, layers=3, relative_bias=True))
     with torch.no_grad():
         tokens = pint.embedding(random_particles(B=2, T=4))
         ref = pint.trunk(tokens, last_frame_only)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             autocast = pint.trunk(tokens, last_frame_only).float()
-            packed = PackedTrunk(pint)(tokens, last_frame_only).float()
+            packed = PackedPINT(pint).trunk(tokens, last_frame_only).float()
     assert packed.shape == ref.shape and packed.dtype == torch.float32
     err_autocast, err_packed = (autocast - ref).abs().max(), (packed - ref).abs().max()
     # the same roundings but one (GELU is applied before, not after, fc1's bf16 rounding)
@@ -205,15 +212,44 @@ def test_packed_trunk_is_as_accurate_as_bf16_autocast(last_frame_only):
     assert err_packed <= 0.02 * ref.abs().max()
 
 
-@pytest.mark.skipif(not packed_trunk_runs(), reason="the packed bf16 trunk needs a CPU with native bf16 (AMX or AVX512-BF16)")
-def test_bf16_rollouts_on_the_cpu_use_the_packed_trunk(monkeypatch):
-    from ddlp.pint import PackedTrunk
+@NEEDS_PACKED
+def test_packed_embedding_and_readout_are_as_accurate_as_bf16_autocast():
+    from ddlp.pint import PackedPINT
+    torch.manual_seed(0)
+    pint = trained_looking(make(dim=64, heads=4, layers=2, velocity_input=True))
+    p = random_particles(B=2, T=4)
+    e = pint.embedding
+    moved = e.moved(p.position)
+    with torch.no_grad():
+        tokens = e(p)
+        ref = dict(still=e.still(p), motion=e.motion(moved), prior=pint.prior(tokens, p[:, -1]).position_mu)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            auto = dict(still=e.still(p), motion=e.motion(moved), prior=pint.prior(tokens, p[:, -1]).position_mu)
+            packed = PackedPINT(pint)
+            got = dict(still=packed.still(p), motion=packed.motion(moved), prior=packed.prior(tokens, p[:, -1]).position_mu)
+    for key in ref:
+        assert got[key].shape == ref[key].shape, key
+        err_auto, err = (auto[key].float() - ref[key]).abs().max(), (got[key].float() - ref[key]).abs().max()
+        # the same bf16 roundings; the heads' outputs stay float32 here (autocast rounds them)
+        assert err <= 1.5 * err_auto + 1e-3, (key, float(err), float(err_auto))
+        assert err <= 0.02 * ref[key].abs().max(), key
+
+
+@NEEDS_PACKED
+@pytest.mark.parametrize("velocity_input", [False, True])
+def test_bf16_rollouts_on_the_cpu_run_packed_and_stay_close_to_autocast(monkeypatch, velocity_input):
+    from ddlp.pint import PackedPINT
     calls = []
-    original = PackedTrunk.__call__
-    monkeypatch.setattr(PackedTrunk, "__call__", lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
-    pint, p = make(), random_particles(T=3)
-    pint.rollout(p, 2)
-    assert calls == []                                           # fp32: the plain trunk
+    original = PackedPINT.prior
+    monkeypatch.setattr(PackedPINT, "prior", lambda self, *a: calls.append(1) or original(self, *a))
+    torch.manual_seed(0)
+    pint, p = make(velocity_input=velocity_input), random_particles(T=3)
+    fp32 = pint.rollout(p, 4)
+    assert calls == []                                           # fp32: the plain PINT
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = pint.rollout(p, 2)
-    assert len(calls) == 2 and out.batch_shape == (2, 5)
+        out = pint.rollout(p, 4)
+        monkeypatch.setattr(PackedPINT, "applies", staticmethod(lambda *a: False))
+        autocast = pint.rollout(p, 4)
+    assert len(calls) == 4 and out.batch_shape == (2, 7)
+    err, err_auto = (out.position - fp32.position).abs().max(), (autocast.position - fp32.position).abs().max()
+    assert err <= 2 * err_auto + 1e-3, (float(err), float(err_auto))

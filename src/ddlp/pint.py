@@ -251,17 +251,23 @@ class PINT(nn.Module):
         py, px = r.position_y_head(fg), r.position_x_head(fg)
         if position_only_trunk:
             fg, bg = fg.detach(), bg.detach()
+        return self.distributions((py, px, r.scale_head(fg), r.transparency_head(fg), r.depth_head(fg),
+                                   r.features_head(fg), r.bg_features_head(bg)), p, min_beta)
+
+    def distributions(self, heads: tuple[Tensor, ...], p: Particles, min_beta: float = 0.0) -> Particles:
+        """The prior from the readout heads' outputs (position y, position x, scale, transparency,
+        depth, features: [..., K, *]; background features: [..., *]) and the frame `p` it follows."""
+        py, px, scale, on, depth, features, bg = heads
         squash = torch.tanh if self.activation == "tanh" else torch.sigmoid
         position = self.max_delta * squash(torch.stack([py[..., 0], px[..., 0]], -1))
         position_logvar = torch.stack([py[..., 1], px[..., 1]], -1)
-        scale_mu, scale_logvar = r.scale_head(fg).chunk(2, -1)
-        on = r.transparency_head(fg)
+        scale_mu, scale_logvar = scale.chunk(2, -1)
         a, b = torch.exp(on[..., 0]), torch.exp(on[..., 1])
         if min_beta:
             a, b = a.clamp_min(min_beta), b.clamp_min(min_beta)
-        depth_delta = r.depth_head(fg)[..., :1]
-        features_mu, features_logvar = r.features_head(fg).chunk(2, -1)
-        bg_mu, bg_logvar = r.bg_features_head(bg).chunk(2, -1)
+        depth_delta = depth[..., :1]
+        features_mu, features_logvar = features.chunk(2, -1)
+        bg_mu, bg_logvar = bg.chunk(2, -1)
         depth_mu = depth_delta
         if self.predict_delta:
             position = p.position + position
@@ -284,11 +290,15 @@ class PINT(nn.Module):
     def step(self, history: Particles, deterministic: bool = True) -> Particles:
         """Next-frame particles [B, K, ...] from the last `max_frames` frames of `history`."""
         window = history[:, -self.max_frames:]
-        return self._next(self.embedding(window), window[:, -1], deterministic, self.trunk)
+        return self._draw(self.prior(self.embedding(window), window[:, -1]), deterministic)
 
-    def _next(self, tokens: Tensor, last: Particles, deterministic: bool, trunk: Callable) -> Particles:
-        """The frame after tokens [B, T, N, D] of a window whose last frame is `last` [B, K, ...]."""
-        prior = self.read(trunk(tokens, last_frame_only=True)[:, -1], last, min_beta=1e-5)
+    def prior(self, tokens: Tensor, last: Particles) -> Particles:
+        """The prior of the frame after tokens [B, T, N, D] of a window whose last frame is `last`
+        [B, K, ...]."""
+        return self.read(self.trunk(tokens, last_frame_only=True)[:, -1], last, min_beta=1e-5)
+
+    @staticmethod
+    def _draw(prior: Particles, deterministic: bool) -> Particles:
         if deterministic:
             return prior
         position = reparameterize(prior.position_mu, prior.position_logvar, False)
@@ -310,66 +320,82 @@ class PINT(nn.Module):
 
         The same as calling `step` on the growing history, but a frame's tokens are embedded
         once, when it arrives, and slide along with the window (a step embeds one frame, not
-        max_frames). Under bf16 autocast on a CPU with native bf16 the transformer runs as a
-        `PackedTrunk`."""
+        max_frames). Under bf16 autocast on a CPU with native bf16 it runs as a `PackedPINT`."""
         from tqdm import tqdm
-        T0, M, emb = history.batch_shape[1], self.max_frames, self.embedding
+        T0, M = history.batch_shape[1], self.max_frames
         out = [history.values()]
         window = out[0][:, -M:]
         last = window[:, -1]
-        trunk = PackedTrunk(self) if PackedTrunk.applies(self, window.position) else self.trunk
+        packed = PackedPINT(self) if PackedPINT.applies(self, window.position) else None
+        emb, prior = (packed, packed.prior) if packed is not None else (self.embedding, self.prior)
+        moving = self.embedding.velocity is not None
         still = emb.still(window)
-        if emb.velocity is not None:    # a window's first frame has not moved: its term is motion(0)
-            moves = emb.motion(emb.moved(window.position))
+        if moving:      # a window's first frame has not moved: its term is motion(0)
+            moves = emb.motion(ParticleEmbedding.moved(window.position))
             at_rest = moves[:, :1]
         for t in tqdm(range(T0, T0 + steps), desc="rollout", disable=not progress, leave=False):
-            tokens = still if emb.velocity is None else still + torch.cat([at_rest, moves[:, 1:]], 1)
-            nxt = self._next(tokens, last, deterministic, trunk).values().map(lambda v: v.unsqueeze(1))
+            tokens = still + torch.cat([at_rest, moves[:, 1:]], 1) if moving else still
+            nxt = self._draw(prior(tokens, last), deterministic).values().map(lambda v: v.unsqueeze(1))
             if edit is not None:
                 nxt = edit(t, nxt)
             out.append(nxt)
             # a bounded window keeps every step's cost the same, however long the rollout
             still = torch.cat([still, emb.still(nxt)], 1)[:, -M:]
-            if emb.velocity is not None:
+            if moving:
                 moves = torch.cat([moves, emb.motion(nxt.position - last.position[:, None])], 1)[:, -M:]
             last = nxt[:, -1]
         return Particles.cat(out)
 
 
-class PackedTrunk:
-    """`PINT.trunk` for bf16 inference on a CPU: the same computation as under bf16 autocast, with
-    each linear's weight cast and laid out for oneDNN once per rollout instead of at every call,
-    query/key/value as one matmul and GELU fused into the first MLP layer.
+Packed = tuple[Tensor, Optional[Tensor]]      # a linear's weight laid out for oneDNN, and its bias
 
-    A rollout step is ~25 small matmuls (70 tokens at Balls size), where the per-call weight
-    reorder and autocast's casts cost as much as the arithmetic (docs/performance.md). LayerNorms
-    take bf16 and return bf16 while computing in float32: autocast returns float32 there, which the
-    next linear rounds to bf16 anyway."""
+
+class PackedPINT:
+    """A PINT for bf16 rollouts on a CPU: the same computation as under bf16 autocast, with each
+    linear's weight cast and laid out for oneDNN once per rollout instead of at every call.
+    Query/key/value are one matmul, GELU and ReLU are fused into the linears before them, the
+    five attribute MLPs of the embedding run as two block-diagonal linears and the readout's
+    particle heads as one.
+
+    A rollout step is ~50 small matmuls (70 tokens at Balls size, 7 for the embedding and the
+    readout), where autocast's casts and the per-call weight reorder cost as much as the
+    arithmetic (docs/performance.md). LayerNorms take bf16 and return bf16 while computing in
+    float32: autocast returns float32 there, which the next linear rounds to bf16 anyway. The
+    heads' outputs go on in float32."""
 
     def __init__(self, pint: PINT):
         self.pint = pint
-        self.blocks = [dict(block=b, proj=self._pack(b.attn.proj), fc1=self._pack(b.mlp[0]), fc2=self._pack(b.mlp[2]))
+        self.blocks = [dict(block=b, proj=_pack(b.attn.proj), fc1=_pack(b.mlp[0]), fc2=_pack(b.mlp[2]))
                        for b in pint.blocks]
         for p in self.blocks[:-1]:
-            p["qkv"] = self._pack(p["block"].attn.query, p["block"].attn.key, p["block"].attn.value)
+            p["qkv"] = _pack(p["block"].attn.query, p["block"].attn.key, p["block"].attn.value)
         last = self.blocks[-1]      # a rollout step asks it for the last frame's queries only
-        last.update(q=self._pack(last["block"].attn.query), kv=self._pack(last["block"].attn.key, last["block"].attn.value),
-                    qkv=self._pack(last["block"].attn.query, last["block"].attn.key, last["block"].attn.value))
-        self.head = self._pack(pint.head)
+        last.update(q=_pack(last["block"].attn.query), kv=_pack(last["block"].attn.key, last["block"].attn.value))
+        self.head = _pack(pint.head)
+        e, r = pint.embedding, pint.readout
+        attributes = [e.position, e.scale, e.transparency, e.depth, e.features]
+        self.attributes = [_pack(*[m[0] for m in attributes], diagonal=True),
+                           _pack(*[m[2] for m in attributes], diagonal=True)]
+        self.particle, self.background = [_pack(e.particle[0]), _pack(e.particle[2])], [_pack(e.background[0]), _pack(e.background[2])]
+        self.velocity = None if e.velocity is None else [_pack(e.velocity[0]), _pack(e.velocity[2])]
+        self.backbone = [_pack(r.backbone[0]), _pack(r.backbone[2])]
+        heads = [r.position_y_head, r.position_x_head, r.scale_head, r.transparency_head, r.depth_head, r.features_head]
+        self.heads_fg, self.head_sizes = _pack(*heads), [h.out_features for h in heads]
+        self.head_bg = _pack(r.bg_features_head)
 
     @staticmethod
     def applies(pint: PINT, ref: Tensor) -> bool:
-        """Whether a rollout of `pint` on tensors like `ref` should use a PackedTrunk: on a CPU
-        with native bf16, under bf16 autocast, without gradients."""
+        """Whether a rollout of `pint` on tensors like `ref` should run packed: on a CPU with
+        native bf16, under bf16 autocast, without gradients."""
         return (ref.device.type == "cpu" and not torch.is_grad_enabled() and not pint.training
                 and torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
-                and PackedTrunk.available())
+                and PackedPINT.available())
 
     @staticmethod
     @functools.cache
     def available() -> bool:
         """Native bf16 on this CPU, and oneDNN's packed linear (a torch-internal op) present and
-        agreeing with F.linear on a small case: otherwise rollouts keep the plain trunk."""
+        agreeing with F.linear on a small case: otherwise rollouts keep the plain PINT."""
         from .nn.precision import native_bf16
         if not native_bf16("cpu")[0] or not hasattr(torch.ops.mkldnn, "_reorder_linear_weight"):
             return False
@@ -377,24 +403,38 @@ class PackedTrunk:
             layer = nn.Linear(32, 48)
             x = torch.randn(1, 5, 32).to(torch.bfloat16)
             with torch.no_grad():
-                got = PackedTrunk._linear(x, PackedTrunk._pack(layer), gelu=True).float()
+                got = _linear(x, _pack(layer), "gelu").float()
                 want = F.gelu(F.linear(x.float(), layer.weight.to(torch.bfloat16).float(), layer.bias.to(torch.bfloat16).float()))
             return got.shape == want.shape and bool((got - want).abs().max() < 0.05)
         except RuntimeError:
             return False
 
-    @staticmethod
-    def _pack(*linears: nn.Linear) -> tuple[Tensor, Optional[Tensor]]:
-        weight = torch.cat([m.weight for m in linears]).detach().to(torch.bfloat16)
-        bias = None if linears[0].bias is None else torch.cat([m.bias for m in linears]).detach().to(torch.bfloat16)
-        return torch.ops.mkldnn._reorder_linear_weight(weight, None), bias
+    def _mlp(self, x: Tensor, layers: list[Packed]) -> Tensor:
+        return _linear(_linear(x.to(torch.bfloat16), layers[0], "relu"), layers[1])
 
-    @staticmethod
-    def _linear(x: Tensor, packed: tuple[Tensor, Optional[Tensor]], gelu: bool = False) -> Tensor:
-        return torch.ops.mkldnn._linear_pointwise(x, packed[0], packed[1], "gelu" if gelu else "none", [],
-                                                  "none" if gelu else "")
+    def still(self, p: Particles) -> Tensor:
+        """`ParticleEmbedding.still`: tokens [B, T, K + 1, D] in bf16."""
+        with torch.autocast("cpu", enabled=False):
+            x = torch.cat([p.position, p.scale, p.transparency[..., None], p.depth, p.features], -1)
+            fg = self._mlp(self._mlp(x, self.attributes), self.particle)
+            return torch.cat([fg, self._mlp(p.bg_features, self.background)[..., None, :]], -2)
 
-    def __call__(self, tokens: Tensor, last_frame_only: bool = False) -> Tensor:
+    def motion(self, moved: Tensor) -> Tensor:
+        """`ParticleEmbedding.motion` in bf16."""
+        with torch.autocast("cpu", enabled=False):
+            return F.pad(self._mlp(moved * ParticleEmbedding.VELOCITY_SCALE, self.velocity), (0, 0, 0, 1))
+
+    def prior(self, tokens: Tensor, last: Particles) -> Particles:
+        """`PINT.prior`."""
+        with torch.autocast("cpu", enabled=False):
+            h = _linear(_linear(self.trunk(tokens, last_frame_only=True)[:, -1], self.backbone[0], "relu"),
+                        self.backbone[1], "relu")
+            fg = _linear(h[..., :-1, :], self.heads_fg).float().split(self.head_sizes, -1)
+            bg = _linear(h[..., -1, :], self.head_bg).float()
+        return self.pint.distributions((*fg, bg), last, min_beta=1e-5)
+
+    def trunk(self, tokens: Tensor, last_frame_only: bool = False) -> Tensor:
+        """`PINT.trunk`, in bf16."""
         B, T, N, D = tokens.shape
         with torch.autocast("cpu", enabled=False):
             x = self.pint.flat_tokens(tokens).to(torch.bfloat16)
@@ -406,12 +446,31 @@ class PackedTrunk:
                 mask = block.attn.attention_mask(N, T, x)
                 h = block.ln1(x)
                 if last is not None and i == len(self.blocks) - 1:
-                    q, (k, v) = split(self._linear(h[:, last], p["q"]), 1)[0], split(self._linear(h, p["kv"]), 2)
+                    q, (k, v) = split(_linear(h[:, last], p["q"]), 1)[0], split(_linear(h, p["kv"]), 2)
                     x, mask = x[:, last], mask[..., last, :]
                 else:
-                    q, k, v = split(self._linear(h, p["qkv"]), 3)
+                    if "qkv" not in p:      # the last block, asked for every frame: packed on first use
+                        p["qkv"] = _pack(block.attn.query, block.attn.key, block.attn.value)
+                    q, k, v = split(_linear(h, p["qkv"]), 3)
                 y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-                x = x + self._linear(y.transpose(1, 2).reshape(B, x.shape[1], D), p["proj"])
-                x = x + self._linear(self._linear(block.ln2(x), p["fc1"], gelu=True), p["fc2"])
-            x = self._linear(self.pint.ln_f(x), self.head)
+                x = x + _linear(y.transpose(1, 2).reshape(B, x.shape[1], D), p["proj"])
+                x = x + _linear(_linear(block.ln2(x), p["fc1"], "gelu"), p["fc2"])
+            x = _linear(self.pint.ln_f(x), self.head)
         return x.view(B, N, -1, D).permute(0, 2, 1, 3)
+
+
+def _pack(*linears: nn.Linear, diagonal: bool = False) -> Packed:
+    """One bf16 linear for `linears` reading the same input (their outputs concatenated) or,
+    `diagonal`, each its own slice of the input (a block-diagonal weight)."""
+    weights = [m.weight.detach() for m in linears]
+    weight = (torch.block_diag(*weights) if diagonal else torch.cat(weights)).to(torch.bfloat16)
+    bias = None if linears[0].bias is None else torch.cat([m.bias.detach() for m in linears]).to(torch.bfloat16)
+    return torch.ops.mkldnn._reorder_linear_weight(weight, None), bias
+
+
+def _linear(x: Tensor, packed: Packed, activation: str = "none") -> Tensor:
+    """A packed linear, its activation ("none", "relu", "gelu") fused, on x [..., in] in bf16."""
+    flat = x.reshape(-1, x.shape[-1])
+    y = torch.ops.mkldnn._linear_pointwise(flat, packed[0], packed[1], activation, [],
+                                           "none" if activation == "gelu" else "")
+    return y.view(*x.shape[:-1], y.shape[-1])
