@@ -20,13 +20,13 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
 
 from .config import Config
-from .convert import from_official
+from .convert import from_official, official_key_map
 from .losses import elbo
 from .model import DDLP, Output
 
@@ -183,6 +183,73 @@ def _compare(name: str, ours: Tensor | None, ref: Tensor | Slice, atol: float) -
     return Check(name, err, atol, err <= atol)
 
 
+def _forward_kwargs(call: dict, video: bool) -> dict:
+    """Our forward's keyword arguments for the official forward call `call`."""
+    kwargs = dict(deterministic=call.get("deterministic", False), warmup=call.get("warmup", False),
+                  noisy=call.get("noisy", False), train_proposer=call.get("train_enc_prior", True))
+    if video:
+        kwargs["dynamics"] = call.get("forward_dyn", True)
+    return kwargs
+
+
+def _elbo_kwargs(args: dict, config: Config) -> tuple[Config, dict]:
+    """The config and keyword arguments of our `elbo` for the official `calc_elbo` call `args`."""
+    kwargs = dict(warmup=args["warmup"], noisy=args["noisy"], beta_kl=args["beta_kl"],
+                  beta_rec=args["beta_rec"], kl_balance=args["kl_balance"])
+    if config.is_video:
+        kwargs.update(discount=args.get("dynamic_discount"), beta_dyn=args["beta_dyn"],
+                      beta_dyn_rec=args["beta_dyn_rec"], num_static=args["num_static"])
+    cfg = Config.from_dict({**config.to_dict(), "recon_loss_type": args["recon_loss_type"]})
+    return cfg, kwargs
+
+
+def elbo_gradients(fx: dict, mode: dict, seed: int) -> tuple[float, dict[str, Optional[Tensor]]]:
+    """Our ELBO and its gradient for one training mode of an official gradient reference
+    (shared/fixtures/gradients/<case>.json, whose `modes[m]` is `mode`), named as the official
+    parameters are.
+
+    Follows the reference's recipe: our model from the fixture's official weights (through the
+    converter), train() mode, torch.manual_seed(seed) right before the forward call (noisy and
+    warm-up modes and PINT's dropout draw random numbers, in the same order as the official code),
+    forward and ELBO with our equivalents of the mode's official arguments, backward. Reseeds the
+    global torch RNG.
+
+    Returns the ELBO and {official name: gradient or None}, one entry per parameter under its
+    first official name in state-dict order (the name `named_parameters()` gives an official
+    model: aliases such as `object_dec.decode.*` are left out). The converter copies every
+    official tensor unchanged under another name, so our gradient is already in the official
+    layout; a shape that differs raises ValueError.
+    """
+    config = fixture_config(fx)
+    fwd = mode["forward"]
+    ns = fwd.get("num_static_frames")
+    if config.is_video and ns is not None and ns != config.num_static_frames:
+        config = Config.from_dict({**config.to_dict(), "num_static_frames": ns})
+    model = from_official(fx["state_dict"], config).train()
+    x = fx["input"].float()
+    torch.manual_seed(seed)
+    out = model(x, **_forward_kwargs(fwd, config.is_video))
+    cfg, kwargs = _elbo_kwargs(mode["calc_elbo"], config)
+    loss = elbo(out, x, cfg, **kwargs)["loss"]
+    loss.backward()
+    params = dict(model.named_parameters())
+    grads: dict[str, Optional[Tensor]] = {}
+    done: set[str] = set()
+    for official, ours in official_key_map(config).items():
+        if ours not in params or ours in done:
+            continue
+        done.add(ours)
+        grad = params[ours].grad
+        if grad is not None:
+            want = fx["state_dict"][official].shape
+            if grad.shape != want:
+                raise ValueError(f"{official}: our gradient has shape {tuple(grad.shape)}, the official "
+                                 f"parameter {tuple(want)}; map it back to the official layout")
+            grad = grad.detach().contiguous()
+        grads[official] = grad
+    return float(loss.detach()), grads
+
+
 def run_fixture(path: str, atol: float = 1e-4, rtol_loss: float = 1e-4, atol_loss: float = 1e-5) -> list[Check]:
     torch.set_num_threads(1)
     fx = load_fixture(path)
@@ -195,23 +262,14 @@ def run_fixture(path: str, atol: float = 1e-4, rtol_loss: float = 1e-4, atol_los
     fwd = calls["forward"]
 
     with torch.no_grad():
-        kwargs = dict(deterministic=fwd.get("deterministic", False), warmup=fwd.get("warmup", False),
-                      noisy=fwd.get("noisy", False), train_proposer=fwd.get("train_enc_prior", True))
-        if video:
-            kwargs["dynamics"] = fwd.get("forward_dyn", True)
-        out = model(x, **kwargs)
+        out = model(x, **_forward_kwargs(fwd, video))
         readers = _outputs(out)
         for name, ref in fx["outputs"].items():
             reader = readers.get(name)
             checks.append(_compare(f"outputs/{name}", reader() if reader else None, ref, atol))
 
         for variant, args in calls.get("calc_elbo", {}).items():
-            loss_kwargs = dict(warmup=args["warmup"], noisy=args["noisy"], beta_kl=args["beta_kl"],
-                               beta_rec=args["beta_rec"], kl_balance=args["kl_balance"])
-            cfg = Config.from_dict({**config.to_dict(), "recon_loss_type": args["recon_loss_type"]})
-            if video:
-                loss_kwargs.update(discount=args.get("dynamic_discount"), beta_dyn=args["beta_dyn"],
-                                   beta_dyn_rec=args["beta_dyn_rec"], num_static=args["num_static"])
+            cfg, loss_kwargs = _elbo_kwargs(args, config)
             logs = elbo(out, x, cfg, **loss_kwargs)
             for name, ref in fx["losses"][variant].items():
                 ours = logs.get(name)
