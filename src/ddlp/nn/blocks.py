@@ -99,7 +99,7 @@ class ConvBlock(nn.Module):
     """[replicate pad] -> conv -> [GroupNorm] -> [ReLU] -> [bilinear x2 upsample].
 
     `forward(x, relu_first=True)` applies the previous block's ReLU before the padding, and
-    `defer_relu=True` leaves this block's ReLU to the next block (see ConvStack).
+    `defer_relu=True` leaves this block's ReLU to the next block (see run_blocks).
     `upsampled=True` takes x at half the block's resolution for its x2 bilinear upsample, which is
     never built: the upsample is folded into the conv (`fold_upsample`, then `F.pixel_shuffle`),
     the same map with the same FLOPs, without the two largest activations (the upsample and its
