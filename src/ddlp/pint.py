@@ -376,9 +376,9 @@ class PackedPINT:
         attributes = [e.position, e.scale, e.transparency, e.depth, e.features]
         self.attributes = [_pack(*[m[0] for m in attributes], diagonal=True),
                            _pack(*[m[2] for m in attributes], diagonal=True)]
-        self.particle, self.background = [_pack(e.particle[0]), _pack(e.particle[2])], [_pack(e.background[0]), _pack(e.background[2])]
-        self.velocity = None if e.velocity is None else [_pack(e.velocity[0]), _pack(e.velocity[2])]
-        self.backbone = [_pack(r.backbone[0]), _pack(r.backbone[2])]
+        self.particle, self.background = _pack_mlp(e.particle), _pack_mlp(e.background)
+        self.velocity = None if e.velocity is None else _pack_mlp(e.velocity)
+        self.backbone = _pack_mlp(r.backbone)
         heads = [r.position_y_head, r.position_x_head, r.scale_head, r.transparency_head, r.depth_head, r.features_head]
         self.heads_fg, self.head_sizes = _pack(*heads), [h.out_features for h in heads]
         self.head_bg = _pack(r.bg_features_head)
@@ -466,6 +466,11 @@ def _pack(*linears: nn.Linear, diagonal: bool = False) -> Packed:
     weight = (torch.block_diag(*weights) if diagonal else torch.cat(weights)).to(torch.bfloat16)
     bias = None if linears[0].bias is None else torch.cat([m.bias.detach() for m in linears]).to(torch.bfloat16)
     return torch.ops.mkldnn._reorder_linear_weight(weight, None), bias
+
+
+def _pack_mlp(mlp: nn.Sequential) -> list[Packed]:
+    """The two linears of a Linear-ReLU-Linear[-ReLU] MLP (`nn.blocks.mlp`), packed."""
+    return [_pack(mlp[0]), _pack(mlp[2])]
 
 
 def _linear(x: Tensor, packed: Packed, activation: str = "none") -> Tensor:
