@@ -6,7 +6,7 @@ import pytest
 from PIL import Image
 
 from ddlp.cli import main
-from ddlp.quickstart import ENCODE_SHARE, JOINT_SHARE, JOINT_STEPS, run, split_budget
+from ddlp.quickstart import ENCODE_SHARE, JOINT_ANNEAL, JOINT_SHARE, JOINT_STEPS, run, split_budget
 
 TINY = dict(enc_channels=[8, 16, 16], prior_channels=[8, 8, 16], n_kp_enc=3, n_kp_prior=6,
             learned_feature_dim=2, pint_dim=16, pint_heads=2, pint_layers=1, timestep_horizon=4,
@@ -15,7 +15,7 @@ TINY = dict(enc_channels=[8, 16, 16], prior_channels=[8, 8, 16], n_kp_enc=3, n_k
 
 def test_the_budget_split_is_the_documented_one():
     # joint training stops at JOINT_STEPS or at its share, whichever comes first; PINT gets the rest
-    assert JOINT_STEPS == 1800
+    assert (JOINT_STEPS, JOINT_ANNEAL) == (3000, 0.4)
     assert split_budget(15) == pytest.approx(dict(joint=6.0, encode=0.75, pint=8.25))
     assert split_budget(60) == pytest.approx(dict(joint=24.0, encode=3.0, pint=33.0))
     for minutes in (1, 15, 16, 60):
@@ -27,14 +27,19 @@ def test_the_budget_split_is_the_documented_one():
         split_budget(0)
 
 
-def test_quickstart_joint_phase_stops_at_its_step_count(tmp_path):
+def test_quickstart_joint_phase_stops_at_its_step_count(tmp_path, monkeypatch):
     """With steps to spare in its share, the joint phase stops at `max_steps` (JOINT_STEPS by
-    default) and PINT gets the time it leaves."""
+    default), annealed over its last JOINT_ANNEAL and keeping the best tracker, and PINT gets the
+    time it leaves."""
+    from ddlp.train import Trainer
+    options, init = [], Trainer.__init__
+    monkeypatch.setattr(Trainer, "__init__", lambda self, *a, **k: (init(self, *a, **k), options.append(self.opt))[0])
     minutes = 0.3                           # 18 s: joint training may take 7.2 s, 2 steps take ~2
     metrics = run(out_dir=str(tmp_path / "run"), data_dir=str(tmp_path / "data"), minutes=minutes,
                   train_episodes=2, val_episodes=1, test_episodes=2, workers=0, cond=4, horizon=14,
                   max_steps=2, progress=False, **TINY)
     assert metrics["joint_steps"] == 2
+    assert (options[0].max_steps, options[0].anneal, options[0].best_by) == (2, JOINT_ANNEAL, "val_track_px")
     assert metrics["joint_seconds"] < 60 * JOINT_SHARE * minutes
     assert 60 * minutes - 1 <= metrics["budget_seconds"] <= 60 * minutes + 10
     # PINT runs until the budget is spent: what joint training and encoding left, less the few

@@ -63,13 +63,21 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path):
     assert any("val_loss" in r for r in records) and (tmp_path / "a" / "run" / "best" / "model.safetensors").is_file()
 
 
-@pytest.mark.parametrize("best_by, kept", [("val_loss", 1), ("val_psnr", 2)])
+BEST_STEPS = {"val_loss": [0, 1], "val_psnr": [0, 1, 2], "val_track_px": [0, 3]}
+RULES = {"val_loss": "lowest validation ELBO", "val_psnr": "highest validation PSNR",
+         "val_track_px": "lowest validation tracking error"}
+
+
+@pytest.mark.parametrize("best_by, kept", [("val_loss", 1), ("val_psnr", 2), ("val_track_px", 3)])
 def test_best_checkpoint_follows_the_chosen_criterion(tmp_path, best_by, kept):
-    """best/ is rewritten when the criterion improves: lowest validation ELBO (the official rule)
-    or highest validation PSNR (the quickstart's); an unknown criterion is refused up front."""
+    """best/ is rewritten when the criterion improves: lowest validation ELBO (the official rule),
+    highest validation PSNR, or lowest tracking error (the quickstart's); an unknown criterion is
+    refused up front."""
     trainer = Trainer(tiny_config(), Clips(), None, options(tmp_path, best_by=best_by))
-    evaluations = iter([dict(val_loss=50.0, val_psnr=20.0), dict(val_loss=40.0, val_psnr=21.0),
-                        dict(val_loss=60.0, val_psnr=23.0), dict(val_loss=45.0, val_psnr=22.0)])
+    evaluations = iter([dict(val_loss=50.0, val_psnr=20.0, val_track_px=2.0),
+                        dict(val_loss=40.0, val_psnr=21.0, val_track_px=3.0),
+                        dict(val_loss=60.0, val_psnr=23.0, val_track_px=2.5),
+                        dict(val_loss=45.0, val_psnr=22.0, val_track_px=1.0)])
     trainer.evaluate = lambda: next(evaluations)
     for epoch in range(4):
         trainer.global_step = epoch
@@ -77,14 +85,13 @@ def test_best_checkpoint_follows_the_chosen_criterion(tmp_path, best_by, kept):
             next(trainer.model.parameters()).fill_(float(epoch))    # tells the saved weights apart
         trainer._end_epoch(None)
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records if r.get("best")] == ([0, 1] if best_by == "val_loss" else [0, 1, 2])
+    assert [r["step"] for r in records if r.get("best")] == BEST_STEPS[best_by]
     from ddlp.model import ParticleModel
     saved = next(ParticleModel.from_pretrained(tmp_path / "run" / "best").parameters())
     assert torch.all(saved == float(kept))
     _, info = resolve_checkpoint(tmp_path / "run")       # what evaluate / predict say they loaded
-    rule = "lowest validation ELBO" if best_by == "val_loss" else "highest validation PSNR"
-    assert info["source"] == f"best ({rule})" and info["step"] == kept
-    with pytest.raises(ValueError, match="best_by must be one of val_loss, val_psnr"):
+    assert info["source"] == f"best ({RULES[best_by]})" and info["step"] == kept
+    with pytest.raises(ValueError, match="best_by must be one of val_loss, val_psnr, val_track_px"):
         Trainer(tiny_config(), Clips(), None, options(tmp_path / "x", best_by="psnr"))
 
 
@@ -264,10 +271,37 @@ def test_validation_reports_how_well_the_model_predicts(tmp_path):
     errors = med_errors(particles_to_xy(pred.position, 64), pred.transparency, batch["positions_px"][:, :14] / 64,
                         batch["in_camera"][:, :14] > 0, match_t=4)[:, 4:]
     assert metrics["val_med10"] == pytest.approx(med_summary(errors)["med10"], rel=1e-9)
+    with torch.no_grad():
+        centres = model.to_object_centres(model.encode(batch["frames"][:, :14]))
+    track = med_errors(particles_to_xy(centres.position, 64), centres.transparency,
+                       batch["positions_px"][:, :14] / 64, batch["in_camera"][:, :14] > 0, match_t=4)
+    assert metrics["val_track_px"] == pytest.approx(float(track.nanmean()) * 64, rel=1e-5)
     assert set(prediction_errors(model, {"frames": batch["frames"]}, "cpu")) == {"step1_px"}   # no positions
     trainer.train()
     logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert any("val_med10" in r and "val_pred_step1_px" in r for r in logged)
+    assert any("val_med10" in r and "val_pred_step1_px" in r and "val_track_px" in r for r in logged)
+
+
+def test_anneal_lowers_the_learning_rate_to_zero_over_the_last_share(tmp_path):
+    """anneal=0.5 over 6 steps: the official schedule (StepLR, an epoch is 3 steps) for the first
+    half, then a cosine to 0; StepLR goes on from its own rate, and a run stopped mid-epoch
+    still validates its last weights."""
+    config = tiny_config(epoch_steps=3, scheduler_gamma=0.5)
+    trainer = Trainer(config, Clips(), Clips(n=2, seed=9), options(tmp_path, max_steps=7, anneal=0.5))
+    seen, step = [], trainer.optimizer.step
+    trainer.optimizer.step = lambda *a, **k: (seen.append(trainer.optimizer.param_groups[0]["lr"]), step(*a, **k))[1]
+    trainer.train()
+    # step s is s / 7 of the run, (s / 7 - 0.5) / 0.5 into the anneal
+    factors = [0.5 * (1 + math.cos(math.pi * min(max((s / 7 - 0.5) / 0.5, 0), 1))) for s in range(7)]
+    assert factors[:4] == [1, 1, 1, 1] and 0 < factors[6] < factors[5] < factors[4] < 1
+    assert seen == pytest.approx([config.lr * 0.5 ** (s // 3) * f for s, f in zip(range(7), factors)], rel=1e-12)
+    assert trainer.scheduler.get_last_lr() == pytest.approx([config.lr * 0.25])
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "val_loss" in r] == [3, 6, 7]
+    with pytest.raises(ValueError, match="anneal needs the run's length"):
+        Trainer(config, Clips(), None, options(tmp_path / "x", anneal=0.5))
+    with pytest.raises(ValueError, match="between 0 and 1"):
+        Trainer(config, Clips(), None, options(tmp_path / "y", max_steps=4, anneal=1.5))
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16", "auto", "fp32"])

@@ -95,7 +95,8 @@ def latest_checkpoint(run_dir: str | Path) -> Optional[Path]:
     return complete[-1] if complete else None
 
 
-BEST_RULES = {"val_loss": "lowest validation ELBO", "val_psnr": "highest validation PSNR"}
+BEST_RULES = {"val_loss": "lowest validation ELBO", "val_psnr": "highest validation PSNR",
+              "val_track_px": "lowest validation tracking error"}
 
 
 def _best_record(run: Path) -> tuple[Optional[int], str]:

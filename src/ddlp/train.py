@@ -59,10 +59,13 @@ class TrainOptions:
     progress: bool = True
     vgg_weights: Optional[str] = None
     figures: bool = True
-    best_by: str = "val_loss"               # best/: lowest validation ELBO (official), or highest "val_psnr"
+    best_by: str = "val_loss"               # best/: lowest validation ELBO (official), highest "val_psnr",
+                                            # or lowest "val_track_px" (data with object positions)
+    anneal: float = 0.0                     # last share of max_steps (without them, of max_minutes) over which
+                                            # the learning rate falls to 0 along a cosine; 0: the official schedule
 
 
-BEST_BY = {"val_loss": 1.0, "val_psnr": -1.0}    # sign that makes each criterion "lower is better"
+BEST_BY = {"val_loss": 1.0, "val_psnr": -1.0, "val_track_px": 1.0}    # sign that makes each criterion "lower is better"
 
 
 # ------------------------------------------------------------------------------ data order
@@ -142,6 +145,10 @@ class Trainer:
         self.config, self.opt = config, options or TrainOptions()
         if self.opt.best_by not in BEST_BY:
             raise ValueError(f"best_by must be one of {', '.join(BEST_BY)}, got {self.opt.best_by!r}")
+        if not 0 <= self.opt.anneal <= 1:
+            raise ValueError(f"anneal is a share of the run, between 0 and 1; got {self.opt.anneal}")
+        if self.opt.anneal and self.opt.max_steps is None and self.opt.max_minutes is None:
+            raise ValueError("anneal needs the run's length: max_steps or max_minutes")
         self.run_dir = Path(self.opt.run_dir)
         # Without a GPU, accelerate only forms a multi-process (gloo) group when told cpu=True.
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -344,6 +351,8 @@ class Trainer:
             self.objective.train()
             first_batch = None
             for batch in self.loader:
+                if self.opt.anneal:
+                    self._set_lr(self.anneal_factor(time.time() - start))
                 x = batch_frames(batch).to(acc.device, non_blocking=True)
                 first_batch = first_batch if first_batch is not None else batch
                 disc = future_weights(self.iteration, c, self.steps_per_epoch, acc.device) if c.is_video else None
@@ -374,7 +383,7 @@ class Trainer:
                                     on=f"{st['on']:.2f}", s=f"{st['scale']:.2f}", **val, refresh=False)
                     bar.update(1)
                 if self.global_step % 50 == 0:
-                    self.log(dict(step=self.global_step, epoch=self.epoch, lr=self.scheduler.get_last_lr()[0],
+                    self.log(dict(step=self.global_step, epoch=self.epoch, lr=self.optimizer.param_groups[0]["lr"],
                                   **{f"train_{k}": v for k, v in last.items()}, **particle_stats(out)))
                 out_of_time = self.opt.max_minutes is not None and time.time() - start > 60 * self.opt.max_minutes
                 out_of_steps = self.opt.max_steps is not None and self.global_step >= self.opt.max_steps
@@ -385,6 +394,12 @@ class Trainer:
                     self.save_checkpoint()
             if self.step_in_epoch >= self.steps_per_epoch:
                 self._end_epoch(first_batch)
+            elif stop and self.step_in_epoch:
+                # the weights a budget stops at may be the best (annealed: likely); the random
+                # streams are put back so that a resumed run goes on as an uninterrupted one
+                state = rng_state()
+                self._validate()
+                set_rng_state(state)
             if stop:
                 break
         self.save_checkpoint()
@@ -409,7 +424,23 @@ class Trainer:
                                 f"{self.global_step}); the last good checkpoint is in {self.run_dir / 'checkpoints'}")
         return False
 
-    def _end_epoch(self, batch) -> None:
+    def anneal_factor(self, seconds: float) -> float:
+        """The learning rate's share of the official schedule's: 1 until the last `anneal` share
+        of max_steps (without them, of max_minutes), then a cosine down to 0. A time limit that
+        ends a step-counted run first cuts it short unannealed: annealing early would stop
+        training before the encoder has learnt to track (docs/training.md)."""
+        if self.opt.max_steps:
+            done = self.global_step / self.opt.max_steps
+        else:
+            done = seconds / (60 * self.opt.max_minutes)
+        into = (done - (1 - self.opt.anneal)) / self.opt.anneal
+        return 0.5 * (1 + math.cos(math.pi * min(max(into, 0.0), 1.0)))
+
+    def _set_lr(self, factor: float) -> None:
+        for group, scheduled in zip(self.optimizer.param_groups, self.scheduler.get_last_lr()):
+            group["lr"] = scheduled * factor
+
+    def _validate(self) -> None:
         metrics = self.last_val = self.evaluate()
         record = dict(step=self.global_step, epoch=self.epoch, **metrics)
         score = BEST_BY[self.opt.best_by] * metrics[self.opt.best_by] if metrics else math.inf
@@ -418,8 +449,12 @@ class Trainer:
             save_pretrained(self.model, self.run_dir / "best")
             record.update(best=True, best_by=self.opt.best_by)
         self.log(record)
+
+    def _end_epoch(self, batch) -> None:
+        self._validate()
         if batch is not None and (self.epoch + 1) % self.config.eval_epoch_freq == 0:
             self.write_figures(batch)
+        self._set_lr(1.0)               # StepLR steps from the lr it set, not an annealed one
         self.scheduler.step()
         self.epoch += 1
         self.step_in_epoch = 0
@@ -433,33 +468,44 @@ PREDICTION_STEPS = 10      # MED10's horizon
 def prediction_errors(model, batch, device, steps: int = PREDICTION_STEPS) -> dict[str, Tensor]:
     """Errors of deterministic rollouts from the first cond_steps frames of a validation batch:
     "step1_px" [B]: distance in pixels between PINT's first predicted positions and the
-    posterior's in that frame, averaged over particles weighted by their transparency; "med"
-    [B, steps]: G-SWM's MED per step, when the batch carries ball positions and the clips are
-    long enough."""
+    posterior's in that frame, averaged over particles weighted by their transparency. When the
+    batch carries ball positions: "track" [B, T]: the same distance as MED between the
+    posterior's object centres and the balls (how well the encoder tracks; it bounds how well
+    PINT can predict), and "med" [B, steps]: G-SWM's MED per step, when the clips are long
+    enough."""
     from .metrics import ground_truth_xy, med_errors, particles_to_xy
     frames = batch_frames(batch).to(device)
     cond = min(model.config.cond_steps, model.config.timestep_horizon)
     if frames.shape[1] <= cond:
         return {}
-    posterior = model.encode(frames[:, :cond + 1])
+    S = model.config.image_size
+    tracked = min(frames.shape[1], cond + steps)
+    posterior = model.encode(frames[:, :tracked])
     predicted = model.predict(posterior[:, :cond], steps)
     w = posterior.transparency[:, cond]
-    px = (predicted.position[:, cond] - posterior.position[:, cond]).norm(dim=-1) * (model.config.image_size - 1) / 2
+    px = (predicted.position[:, cond] - posterior.position[:, cond]).norm(dim=-1) * (S - 1) / 2
     out = {"step1_px": ((px * w).sum(-1) / w.sum(-1).clamp_min(1e-8)).cpu()}
-    truth = ground_truth_xy(batch, cond + steps, model.config.image_size)
+    truth = ground_truth_xy(batch, tracked, S)
+    if truth is not None:
+        centres = posterior if model.config.centred_positions else model.to_object_centres(posterior)
+        xy = particles_to_xy(centres.position.cpu(), S)
+        out["track"] = med_errors(xy, centres.transparency.cpu(), *truth, match_t=cond)
     if truth is not None and frames.shape[1] >= cond + steps:
-        xy = particles_to_xy(predicted.position.cpu(), model.config.image_size)
+        xy = particles_to_xy(predicted.position.cpu(), S)
         out["med"] = med_errors(xy, predicted.transparency.cpu(), *truth, match_t=cond)[:, cond:]
     return out
 
 
 def summarize_prediction(errors: dict[str, list[Tensor]], image_size: int) -> dict[str, float]:
     """val_pred_step1_px (PINT's one-step position error against the posterior, pixels) and,
-    with ball positions, val_med10 (sum of the first ten per-step MEDs) and val_med_step1_px."""
+    with ball positions, val_track_px (the posterior's mean distance to the balls, pixels),
+    val_med10 (sum of the first ten per-step MEDs) and val_med_step1_px."""
     from .metrics import med_summary
     out = {}
     if errors.get("step1_px"):
         out["val_pred_step1_px"] = float(torch.cat(errors["step1_px"]).double().mean())
+    if errors.get("track"):
+        out["val_track_px"] = float(torch.cat(errors["track"]).double().nanmean()) * image_size
     if errors.get("med"):
         med = med_summary(torch.cat(errors["med"]), PREDICTION_STEPS)
         out["val_med10"] = med["med10"]

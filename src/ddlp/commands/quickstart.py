@@ -11,7 +11,7 @@ def cmd_quickstart(args) -> int:
 
 
 def add_parser(sub) -> None:
-    from ..quickstart import ENCODE_SHARE, JOINT_SHARE, JOINT_STEPS
+    from ..quickstart import ENCODE_SHARE, JOINT_ANNEAL, JOINT_SHARE, JOINT_STEPS
     p = sub.add_parser("quickstart", help="generate Balls data, train a small DDLP on the CPU within a "
                        "time budget, evaluate it (paper protocol, with baselines) and write a prediction GIF",
                        description="Generate Balls-Interaction episodes, train the balls_small DDLP for --minutes "
@@ -19,8 +19,10 @@ def add_parser(sub) -> None:
                        "protocol (10 -> 50 frames, MED10) beside 'stand still' and 'constant velocity' baselines, "
                        "and write OUT/prediction.gif, OUT/metrics.json and OUT/eval/.",
                        epilog=f"The budget is split: {JOINT_STEPS} steps of joint training (the official ELBO and "
-                       f"schedule; at most {JOINT_SHARE:.0%} of the budget), up to {ENCODE_SHARE:.0%} encoding "
-                       "training clips with the encoder of the best validation PSNR (first-frame particles started a "
+                       f"schedule, the learning rate falling to 0 over the last {JOINT_ANNEAL:.0%} of them; at most "
+                       f"{JOINT_SHARE:.0%} of the budget, which cuts the steps short on slow hosts and short budgets), "
+                       f"up to {ENCODE_SHARE:.0%} encoding training clips with the encoder that tracked the validation "
+                       "balls best (first-frame particles started a "
                        "glimpse apart, positions at the centres of the objects the particles draw), the rest "
                        "training a fresh PINT alone on those cached posteriors, without dropout, on windows "
                        "mirrored by the square's symmetries (docs/training.md).")
