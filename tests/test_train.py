@@ -201,9 +201,13 @@ def test_cli_trains_on_generated_balls_and_resumes(tmp_path, capsys):
     args = ["train", "--preset", "balls_small", "--data.root", str(tmp_path / "balls"),
             "--run-dir", str(tmp_path / "run"), "--max-steps", "2", "--workers", "0", "--no-progress",
             "--no-figures", "--set", "pint_dim=16", "--set", "pint_heads=2", "--set", "enc_channels=[8,16,16]",
-            "--set", "prior_channels=[8,8,16]", "--batch-size", "2", "--epoch-steps", "2"]
+            "--set", "prior_channels=[8,8,16]", "--batch-size", "2", "--epoch-steps", "2",
+            "--anneal", "0.5", "--best-by", "val_track_px"]
     assert main(args) == 0
     assert latest_checkpoint(tmp_path / "run").name == "step-00000002"
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert records[0]["anneal"] == 0.5 and records[0]["best_by"] == "val_track_px"
+    assert [r["best_by"] for r in records if r.get("best")] == ["val_track_px"]      # chosen by tracking
     assert main(["train", "--resume", str(tmp_path / "run"), "--max-steps", "3", "--workers", "0",
                  "--no-progress", "--no-figures"]) == 0
     out = capsys.readouterr().out

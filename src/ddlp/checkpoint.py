@@ -95,8 +95,9 @@ def latest_checkpoint(run_dir: str | Path) -> Optional[Path]:
     return complete[-1] if complete else None
 
 
-BEST_RULES = {"val_loss": "lowest validation ELBO", "val_psnr": "highest validation PSNR",
-              "val_track_px": "lowest validation tracking error"}
+# what best/ can be chosen by: the sign that makes lower better, and how a reader is told
+BEST_RULES = {"val_loss": (1.0, "lowest validation ELBO"), "val_psnr": (-1.0, "highest validation PSNR"),
+              "val_track_px": (1.0, "lowest validation tracking error")}
 
 
 def _best_record(run: Path) -> tuple[Optional[int], str]:
@@ -111,7 +112,7 @@ def _best_record(run: Path) -> tuple[Optional[int], str]:
             continue
         if record.get("best"):
             step, rule = record.get("step"), record.get("best_by", "val_loss")
-    return step, BEST_RULES.get(rule, rule)
+    return step, BEST_RULES[rule][1] if rule in BEST_RULES else rule
 
 
 def _step_of(folder: Path) -> Optional[int]:

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from .checkpoint import checkpoint_path, latest_checkpoint, load_state, rng_state, set_rng_state, write_checkpoint
+from .checkpoint import BEST_RULES, checkpoint_path, latest_checkpoint, load_state, rng_state, set_rng_state, write_checkpoint
 from .config import Config
 from .data import batch_frames
 from .losses import elbo
@@ -63,9 +63,6 @@ class TrainOptions:
                                             # or lowest "val_track_px" (data with object positions)
     anneal: float = 0.0                     # last share of max_steps (without them, of max_minutes) over which
                                             # the learning rate falls to 0 along a cosine; 0: the official schedule
-
-
-BEST_BY = {"val_loss": 1.0, "val_psnr": -1.0, "val_track_px": 1.0}    # sign that makes each criterion "lower is better"
 
 
 # ------------------------------------------------------------------------------ data order
@@ -143,8 +140,8 @@ class Trainer:
         from accelerate.utils import set_seed
 
         self.config, self.opt = config, options or TrainOptions()
-        if self.opt.best_by not in BEST_BY:
-            raise ValueError(f"best_by must be one of {', '.join(BEST_BY)}, got {self.opt.best_by!r}")
+        if self.opt.best_by not in BEST_RULES:
+            raise ValueError(f"best_by must be one of {', '.join(BEST_RULES)}, got {self.opt.best_by!r}")
         if not 0 <= self.opt.anneal <= 1:
             raise ValueError(f"anneal is a share of the run, between 0 and 1; got {self.opt.anneal}")
         if self.opt.anneal and self.opt.max_steps is None and self.opt.max_minutes is None:
@@ -333,7 +330,8 @@ class Trainer:
         if acc.is_main_process:
             atomic_write(self.run_dir / "config.json", lambda p: Path(p).write_text(c.to_json()))
             print(f"precision: {'fp32' if self.precision == 'no' else self.precision} ({self.precision_reason})")
-            self.log(dict(step=self.global_step, precision=self.precision, precision_reason=self.precision_reason))
+            self.log(dict(step=self.global_step, precision=self.precision, precision_reason=self.precision_reason,
+                          best_by=self.opt.best_by, anneal=self.opt.anneal))
         start = time.time()
         num_epochs = c.num_epochs
         bar = None
@@ -443,7 +441,8 @@ class Trainer:
     def _validate(self) -> None:
         metrics = self.last_val = self.evaluate()
         record = dict(step=self.global_step, epoch=self.epoch, **metrics)
-        score = BEST_BY[self.opt.best_by] * metrics[self.opt.best_by] if metrics else math.inf
+        value = metrics.get(self.opt.best_by, math.nan)   # val_track_px: only data with positions have it
+        score = BEST_RULES[self.opt.best_by][0] * value if math.isfinite(value) else math.inf
         if score < self.best_val and self.acc.is_main_process:
             self.best_val = score
             save_pretrained(self.model, self.run_dir / "best")

@@ -42,7 +42,7 @@ def cmd_train(args) -> int:
                         grad_accum=args.grad_accum, grad_clip=args.grad_clip,
                         checkpoint_every=args.checkpoint_every,
                         progress=not args.no_progress, vgg_weights=args.vgg_weights,
-                        figures=not args.no_figures)
+                        figures=not args.no_figures, anneal=args.anneal, best_by=args.best_by)
     trainer = Trainer(config, train_set, val_set, opts)
     if args.resume:
         trainer.resume()
@@ -68,6 +68,14 @@ def add_parser(sub) -> None:
     p.add_argument("--run-dir", default="runs/ddlp", help="output folder (default runs/ddlp)")
     p.add_argument("--max-steps", type=int, help="stop after this many optimizer steps")
     p.add_argument("--max-minutes", type=float, help="stop after this much wall time")
+    p.add_argument("--anneal", type=float, default=0.0, metavar="SHARE",
+                   help="let the learning rate fall to 0 along a cosine over the last SHARE (0-1) of --max-steps "
+                   "(without it, of --max-minutes); default 0: the official schedule (the quickstart anneals "
+                   "the last 0.4 of 3000 steps: docs/training.md)")
+    p.add_argument("--best-by", default="val_loss", choices=["val_loss", "val_psnr", "val_track_px"],
+                   help="what chooses RUN_DIR/best: lowest validation ELBO (the default, as the official code), "
+                   "highest validation PSNR, or lowest tracking error against the objects' true positions "
+                   "(data that carry them, such as Balls)")
     p.add_argument("--num-epochs", type=int, help="override num_epochs")
     p.add_argument("--epoch-steps", type=int, help="batches per epoch (default: a full pass)")
     p.add_argument("--batch-size", type=int)
