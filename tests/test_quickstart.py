@@ -40,6 +40,7 @@ def test_quickstart_joint_phase_stops_at_its_step_count(tmp_path, monkeypatch):
                   max_steps=2, progress=False, **TINY)
     assert metrics["joint_steps"] == 2
     assert (options[0].max_steps, options[0].anneal, options[0].best_by) == (2, JOINT_ANNEAL, "val_track_px")
+    assert options[0].track_with == dict(spread_anchors=True, centred_positions=True)   # as PINT will see it
     assert metrics["joint_seconds"] < 60 * JOINT_SHARE * minutes
     assert 60 * minutes - 1 <= metrics["budget_seconds"] <= 60 * minutes + 10
     # PINT runs until the budget is spent: what joint training and encoding left, less the few

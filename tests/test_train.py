@@ -280,6 +280,17 @@ def test_validation_reports_how_well_the_model_predicts(tmp_path):
     track = med_errors(particles_to_xy(centres.position, 64), centres.transparency,
                        batch["positions_px"][:, :14] / 64, batch["in_camera"][:, :14] > 0, match_t=4)
     assert metrics["val_track_px"] == pytest.approx(float(track.nanmean()) * 64, rel=1e-5)
+    # measured on the posterior used after training: other weightless fields, the same weights
+    from ddlp.model import with_fresh_pint
+    tracker = with_fresh_pint(model, spread_anchors=True, centred_positions=True).eval()
+    with torch.no_grad():
+        for w in tracker.attribute_encoder.parameters():      # so that its posterior is told apart
+            w.add_(0.1 * torch.randn_like(w))
+        spread = tracker.encode(batch["frames"][:, :14])
+        got = prediction_errors(model, batch, "cpu", tracker=tracker)["track"]
+    expected = med_errors(particles_to_xy(spread.position, 64), spread.transparency,
+                          batch["positions_px"][:, :14] / 64, batch["in_camera"][:, :14] > 0, match_t=4)
+    assert torch.allclose(got, expected, equal_nan=True) and not torch.allclose(got, track, equal_nan=True)
     assert set(prediction_errors(model, {"frames": batch["frames"]}, "cpu")) == {"step1_px"}   # no positions
     trainer.train()
     logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]

@@ -90,7 +90,8 @@ def run(out_dir: str = "runs/quickstart", data_dir: str = "data/balls", minutes:
     trainer = Trainer(config, train_set, BallsDataset(root, "val"), TrainOptions(
         run_dir=str(out), max_minutes=budget["joint"], max_steps=max_steps, num_workers=workers,
         grad_clip=grad_clip, progress=progress, precision=precision, best_by=JOINT_BEST_BY,
-        anneal=JOINT_ANNEAL if max_steps else 0.0))
+        anneal=JOINT_ANNEAL if max_steps else 0.0,
+        track_with=dict(spread_anchors=spread_anchors, centred_positions=centred_positions)))
     setup = time.time() - t0
     start, joint_stopped = time.time(), None
     try:

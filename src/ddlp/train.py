@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -32,7 +32,7 @@ from .checkpoint import BEST_RULES, checkpoint_path, latest_checkpoint, load_sta
 from .config import Config
 from .data import batch_frames
 from .losses import elbo
-from .model import ParticleModel, build_model
+from .model import ParticleModel, build_model, with_fresh_pint
 from .nn.precision import autocast, resolve_precision
 from .storage import atomic_write, save_pretrained
 
@@ -63,6 +63,8 @@ class TrainOptions:
                                             # or lowest "val_track_px" (data with object positions)
     anneal: float = 0.0                     # last share of max_steps (without them, of max_minutes) over which
                                             # the learning rate falls to 0 along a cosine; 0: the official schedule
+    track_with: dict = field(default_factory=dict)  # weightless config fields (model.WEIGHTLESS_FIELDS) of the
+                                            # posterior val_track_px measures: the one used after training
 
 
 # ------------------------------------------------------------------------------ data order
@@ -272,6 +274,7 @@ class Trainer:
         model = self.model
         model.eval()
         loader = DataLoader(self.val_set, batch_size=self.config.batch_size, shuffle=False, num_workers=0)
+        tracker = with_fresh_pint(model, **self.opt.track_with).eval() if self.opt.track_with else model
         totals: dict[str, float] = {}
         errors: dict[str, list[Tensor]] = {}
         n = 0
@@ -284,7 +287,7 @@ class Trainer:
             for k, v in logs.items():
                 totals[k] = totals.get(k, 0.0) + float(v)
             if self.config.is_video:
-                for k, v in prediction_errors(model, batch, self.acc.device).items():
+                for k, v in prediction_errors(model, batch, self.acc.device, tracker=tracker).items():
                     errors.setdefault(k, []).append(v)
             n += 1
         model.train()
@@ -464,13 +467,13 @@ PREDICTION_STEPS = 10      # MED10's horizon
 
 
 @torch.no_grad()
-def prediction_errors(model, batch, device, steps: int = PREDICTION_STEPS) -> dict[str, Tensor]:
+def prediction_errors(model, batch, device, steps: int = PREDICTION_STEPS, tracker=None) -> dict[str, Tensor]:
     """Errors of deterministic rollouts from the first cond_steps frames of a validation batch:
     "step1_px" [B]: distance in pixels between PINT's first predicted positions and the
     posterior's in that frame, averaged over particles weighted by their transparency. When the
-    batch carries ball positions: "track" [B, T]: the same distance as MED between the
-    posterior's object centres and the balls (how well the encoder tracks; it bounds how well
-    PINT can predict), and "med" [B, steps]: G-SWM's MED per step, when the clips are long
+    batch carries ball positions: "track" [B, T]: the same distance as MED between the object
+    centres of `tracker`'s posterior (default `model`: the same weights, maybe other weightless
+    fields) and the balls (how well the encoder tracks; it bounds how well PINT can predict), and "med" [B, steps]: G-SWM's MED per step, when the clips are long
     enough."""
     from .metrics import ground_truth_xy, med_errors, particles_to_xy
     frames = batch_frames(batch).to(device)
@@ -486,7 +489,9 @@ def prediction_errors(model, batch, device, steps: int = PREDICTION_STEPS) -> di
     out = {"step1_px": ((px * w).sum(-1) / w.sum(-1).clamp_min(1e-8)).cpu()}
     truth = ground_truth_xy(batch, tracked, S)
     if truth is not None:
-        centres = posterior if model.config.centred_positions else model.to_object_centres(posterior)
+        tracker = tracker or model
+        centres = tracker.encode(frames[:, :tracked]) if tracker is not model else posterior
+        centres = centres if tracker.config.centred_positions else tracker.to_object_centres(centres)
         xy = particles_to_xy(centres.position.cpu(), S)
         out["track"] = med_errors(xy, centres.transparency.cpu(), *truth, match_t=cond)
     if truth is not None and frames.shape[1] >= cond + steps:
