@@ -194,8 +194,10 @@ def test_data_that_does_not_fit_the_config(tmp_path):
         Trainer(tiny_config(), Clips(n=0), None, options(tmp_path))
 
 
-def test_cli_trains_on_generated_balls_and_resumes(tmp_path, capsys):
+def test_cli_trains_on_generated_balls_and_resumes(tmp_path, capsys, monkeypatch):
     from ddlp.cli import main
+    options, init = [], Trainer.__init__
+    monkeypatch.setattr(Trainer, "__init__", lambda self, *a, **k: (init(self, *a, **k), options.append(self.opt))[0])
     from ddlp.data.balls import write_balls
     write_balls(tmp_path / "balls", episodes={"train": 1, "val": 1, "test": 1}, seqlen=12, progress=False)
     args = ["train", "--preset", "balls_small", "--data.root", str(tmp_path / "balls"),
@@ -208,6 +210,7 @@ def test_cli_trains_on_generated_balls_and_resumes(tmp_path, capsys):
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert records[0]["anneal"] == 0.5 and records[0]["best_by"] == "val_track_px"
     assert [r["best_by"] for r in records if r.get("best")] == ["val_track_px"]      # chosen by tracking
+    assert options[0].track_with == dict(spread_anchors=True, centred_positions=True)
     assert main(["train", "--resume", str(tmp_path / "run"), "--max-steps", "3", "--workers", "0",
                  "--no-progress", "--no-figures"]) == 0
     out = capsys.readouterr().out
