@@ -395,9 +395,9 @@ class Trainer:
                     self.save_checkpoint()
             if self.step_in_epoch >= self.steps_per_epoch:
                 self._end_epoch(first_batch)
-            elif stop and self.step_in_epoch:
-                # the weights a budget stops at may be the best (annealed: likely); the random
-                # streams are put back so that a resumed run goes on as an uninterrupted one
+            elif stop and self.step_in_epoch and self.opt.anneal:
+                # the weights an annealed run stops at are likely the best; the random streams
+                # are put back so that a resumed run goes on as an uninterrupted one
                 state = rng_state()
                 self._validate()
                 set_rng_state(state)
