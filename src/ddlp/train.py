@@ -473,8 +473,8 @@ def prediction_errors(model, batch, device, steps: int = PREDICTION_STEPS, track
     posterior's in that frame, averaged over particles weighted by their transparency. When the
     batch carries ball positions: "track" [B, T]: the same distance as MED between the object
     centres of `tracker`'s posterior (default `model`: the same weights, maybe other weightless
-    fields) and the balls (how well the encoder tracks; it bounds how well PINT can predict), and "med" [B, steps]: G-SWM's MED per step, when the clips are long
-    enough."""
+    fields) and the balls (how well the encoder tracks; it bounds how well PINT can predict),
+    and "med" [B, steps]: G-SWM's MED per step, when the clips are long enough."""
     from .metrics import ground_truth_xy, med_errors, particles_to_xy
     frames = batch_frames(batch).to(device)
     cond = min(model.config.cond_steps, model.config.timestep_horizon)
