@@ -6,7 +6,7 @@ import pytest
 from PIL import Image
 
 from ddlp.cli import main
-from ddlp.quickstart import ENCODE_SHARE, JOINT_ANNEAL, JOINT_SHARE, JOINT_STEPS, run, split_budget
+from ddlp.quickstart import ENCODE_SHARE, JOINT_ANNEAL, JOINT_SHARE, JOINT_STEPS, joint_schedule, run, split_budget
 
 TINY = dict(enc_channels=[8, 16, 16], prior_channels=[8, 8, 16], n_kp_enc=3, n_kp_prior=6,
             learned_feature_dim=2, pint_dim=16, pint_heads=2, pint_layers=1, timestep_horizon=4,
@@ -14,10 +14,12 @@ TINY = dict(enc_channels=[8, 16, 16], prior_channels=[8, 8, 16], n_kp_enc=3, n_k
 
 
 def test_the_budget_split_is_the_documented_one():
-    # joint training stops at JOINT_STEPS or at its share, whichever comes first; PINT gets the rest
+    # joint training stops at its steps or at its share, whichever comes first; PINT gets the rest.
+    # Budgets under 30 minutes run the 3000-step schedule up to where its anneal would start
     assert (JOINT_STEPS, JOINT_ANNEAL) == (3000, 0.4)
-    assert split_budget(15) == pytest.approx(dict(joint=6.0, encode=0.75, pint=8.25))
-    assert split_budget(60) == pytest.approx(dict(joint=24.0, encode=3.0, pint=33.0))
+    assert [joint_schedule(m) for m in (0.1, 15, 29.9, 30, 60)] == [(1800, 0.0)] * 3 + [(3000, 0.4)] * 2
+    assert split_budget(15) == pytest.approx(dict(joint=9.75, encode=0.75, pint=4.5))
+    assert split_budget(60) == pytest.approx(dict(joint=39.0, encode=3.0, pint=18.0))
     for minutes in (1, 15, 16, 60):
         b = split_budget(minutes)
         assert b["joint"] == pytest.approx(JOINT_SHARE * minutes)
@@ -28,13 +30,13 @@ def test_the_budget_split_is_the_documented_one():
 
 
 def test_quickstart_joint_phase_stops_at_its_step_count(tmp_path, monkeypatch):
-    """With steps to spare in its share, the joint phase stops at `max_steps` (JOINT_STEPS by
-    default), annealed over its last JOINT_ANNEAL and keeping the best tracker, and PINT gets the
-    time it leaves."""
+    """With steps to spare in its share, the joint phase stops at `max_steps` (given here; by
+    default `joint_schedule`'s), annealed over its last JOINT_ANNEAL and keeping the best tracker,
+    and PINT gets the time it leaves."""
     from ddlp.train import Trainer
     options, init = [], Trainer.__init__
     monkeypatch.setattr(Trainer, "__init__", lambda self, *a, **k: (init(self, *a, **k), options.append(self.opt))[0])
-    minutes = 0.3                           # 18 s: joint training may take 7.2 s, 2 steps take ~2
+    minutes = 0.3                           # 18 s: joint training may take 11.7 s, 2 steps take ~2
     metrics = run(out_dir=str(tmp_path / "run"), data_dir=str(tmp_path / "data"), minutes=minutes,
                   train_episodes=2, val_episodes=1, test_episodes=2, workers=0, cond=4, horizon=14,
                   max_steps=2, progress=False, **TINY)
@@ -50,14 +52,19 @@ def test_quickstart_joint_phase_stops_at_its_step_count(tmp_path, monkeypatch):
     assert metrics["pint_seconds"] > 60 * (1 - JOINT_SHARE - ENCODE_SHARE) * minutes
 
 
-def test_quickstart_spends_its_budget_phase_by_phase(tmp_path):
-    minutes = 0.15                          # 9 s: joint 3.6 s, encoding <= 0.45 s, PINT the rest
+def test_quickstart_spends_its_budget_phase_by_phase(tmp_path, monkeypatch):
+    from ddlp.train import Trainer
+    options, init = [], Trainer.__init__
+    monkeypatch.setattr(Trainer, "__init__", lambda self, *a, **k: (init(self, *a, **k), options.append(self.opt))[0])
+    minutes = 0.15                          # 9 s: joint 5.85 s, encoding <= 0.45 s, PINT the rest
     metrics = run(out_dir=str(tmp_path / "run"), data_dir=str(tmp_path / "data"), minutes=minutes,
                   train_episodes=2, val_episodes=1, test_episodes=2, workers=0, cond=4, horizon=14,
                   progress=False, **TINY)
     for split in ("train", "val", "test"):
         assert (tmp_path / "data" / f"{split}.hdf5").is_file()
     saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    # the short budget's schedule, cut by its share of the time; the weights it stops at are validated
+    assert (options[0].max_steps, options[0].anneal, options[0].validate_at_stop) == (1800, 0.0, True)
     # compared as JSON: a model this small may leave every particle off, and NaN != NaN
     assert json.dumps(saved, sort_keys=True) == json.dumps(metrics, sort_keys=True)
     assert saved["budget_split"] == pytest.approx(split_budget(minutes))

@@ -249,6 +249,18 @@ def test_gradient_clipping_bounds_the_update(tmp_path):
     assert any(not torch.equal(start[k], v) for k, v in clipped.model.state_dict().items())
 
 
+def test_foreach_adam_updates_the_weights_as_the_per_parameter_loop(tmp_path, monkeypatch):
+    fast = Trainer(tiny_config(), Clips(), None, options(tmp_path / "a", max_steps=4))
+    fast.train()
+    adam = torch.optim.Adam
+    monkeypatch.setattr(torch.optim, "Adam", lambda *a, **k: adam(*a, **{**k, "foreach": False}))
+    loop = Trainer(tiny_config(), Clips(), None, options(tmp_path / "b", max_steps=4))
+    loop.train()
+    assert fast.optimizer.defaults["foreach"] and not loop.optimizer.defaults["foreach"]
+    a, b = fast.model.state_dict(), loop.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a) and fast.losses == loop.losses
+
+
 def test_compile_on_cpu_fails_up_front_with_the_reason(tmp_path):
     with pytest.raises(TrainingError, match="--compile is not supported .* CPU"):
         Trainer(tiny_config(), Clips(), None, options(tmp_path, compile=True))
@@ -320,6 +332,16 @@ def test_anneal_lowers_the_learning_rate_to_zero_over_the_last_share(tmp_path):
         Trainer(config, Clips(), None, options(tmp_path / "x", anneal=0.5))
     with pytest.raises(ValueError, match="between 0 and 1"):
         Trainer(config, Clips(), None, options(tmp_path / "y", max_steps=4, anneal=1.5))
+
+
+@pytest.mark.parametrize("at_stop, validated", [(False, [3, 6]), (True, [3, 6, 7])])
+def test_a_plain_run_validates_where_it_stops_when_asked(tmp_path, at_stop, validated):
+    config = tiny_config(epoch_steps=3)
+    trainer = Trainer(config, Clips(), Clips(n=2, seed=9), options(tmp_path, max_steps=7, validate_at_stop=at_stop))
+    trainer.train()
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "val_loss" in r] == validated
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(config.lr * config.scheduler_gamma ** 2)
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16", "auto", "fp32"])

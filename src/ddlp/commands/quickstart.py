@@ -11,7 +11,7 @@ def cmd_quickstart(args) -> int:
 
 
 def add_parser(sub) -> None:
-    from ..quickstart import ENCODE_SHARE, JOINT_ANNEAL, JOINT_SHARE, JOINT_STEPS
+    from ..quickstart import ENCODE_SHARE, JOINT_ANNEAL, JOINT_SHARE, JOINT_STEPS, SHORT_BUDGET, SHORT_JOINT_STEPS
     p = sub.add_parser("quickstart", help="generate Balls data, train a small DDLP on the CPU within a "
                        "time budget, evaluate it (paper protocol, with baselines) and write a prediction GIF",
                        description="Generate Balls-Interaction episodes, train the balls_small DDLP for --minutes "
@@ -19,7 +19,8 @@ def add_parser(sub) -> None:
                        "protocol (10 -> 50 frames, MED10) beside 'stand still' and 'constant velocity' baselines, "
                        "and write OUT/prediction.gif, OUT/metrics.json and OUT/eval/.",
                        epilog=f"The budget is split: {JOINT_STEPS} steps of joint training (the official ELBO and "
-                       f"schedule, the learning rate falling to 0 over the last {JOINT_ANNEAL:.0%} of them; at most "
+                       f"schedule, the learning rate falling to 0 over the last {JOINT_ANNEAL:.0%} of them; budgets "
+                       f"under {SHORT_BUDGET} minutes run only the first {SHORT_JOINT_STEPS}, before the anneal; at most "
                        f"{JOINT_SHARE:.0%} of the budget, which cuts the steps short on slow hosts and short budgets), "
                        f"up to {ENCODE_SHARE:.0%} encoding training clips with the encoder that tracked the validation "
                        "balls best (first-frame particles started a "

@@ -75,7 +75,7 @@ class DiffusionTrainer:
         self.data = self._normalised()
         torch.manual_seed(c.seed)
         params = list(model.denoiser.parameters())
-        self.optimizer = torch.optim.Adam(params, lr=c.lr, betas=tuple(c.adam_betas))
+        self.optimizer = torch.optim.Adam(params, lr=c.lr, betas=tuple(c.adam_betas), foreach=True)
         # torch's EMA container; the decay changes with the step (official warm-up), so the
         # averaging function is re-made from get_ema_multi_avg_fn before each update.
         self.ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.0))
