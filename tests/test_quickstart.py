@@ -56,7 +56,7 @@ def test_quickstart_spends_its_budget_phase_by_phase(tmp_path, monkeypatch):
     from ddlp.train import Trainer
     options, init = [], Trainer.__init__
     monkeypatch.setattr(Trainer, "__init__", lambda self, *a, **k: (init(self, *a, **k), options.append(self.opt))[0])
-    minutes = 0.15                          # 9 s: joint 5.85 s, encoding <= 0.45 s, PINT the rest
+    minutes = 0.25                          # 15 s: joint 9.75 s, encoding <= 0.75 s, PINT the rest
     metrics = run(out_dir=str(tmp_path / "run"), data_dir=str(tmp_path / "data"), minutes=minutes,
                   train_episodes=2, val_episodes=1, test_episodes=2, workers=0, cond=4, horizon=14,
                   progress=False, **TINY)
@@ -106,7 +106,7 @@ def test_a_diverging_joint_phase_leaves_its_time_to_pint(tmp_path, monkeypatch):
         raise TrainingError("more than 100 updates skipped for non-finite gradients")
 
     monkeypatch.setattr(Trainer, "train", diverges)
-    metrics = run(out_dir=str(tmp_path / "run"), data_dir=str(tmp_path / "data"), minutes=0.15,
+    metrics = run(out_dir=str(tmp_path / "run"), data_dir=str(tmp_path / "data"), minutes=0.25,
                   train_episodes=2, val_episodes=1, test_episodes=1, workers=0, cond=4, horizon=8,
                   gif_episodes=1, progress=False, **TINY)
     assert "non-finite" in metrics["joint_stopped"] and metrics["pint_steps"] > 0

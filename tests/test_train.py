@@ -153,7 +153,7 @@ def test_dlp_trains_on_frames(tmp_path):
 
 
 SCRIPT = r"""
-import sys, torch
+import os, sys, torch
 sys.path.insert(0, sys.argv[2])
 from test_train import Clips, tiny_config, options
 from ddlp.train import Trainer, TrainOptions
@@ -166,7 +166,8 @@ t.train()
 rank = t.acc.process_index
 sd = t.acc.unwrap_model(t.objective).model.state_dict()
 torch.save({k: v.clone() for k, v in sd.items()}, out / f"rank{rank}.pt")
-print("world", t.acc.num_processes, "rank", rank, "steps", t.global_step)
+# one write per rank: two processes share the pipe, and print's separate writes interleave
+os.write(1, f"world {t.acc.num_processes} rank {rank} steps {t.global_step}\n".encode())
 """
 
 
