@@ -28,7 +28,7 @@ JOINT_STEPS = 3000          # joint training: the encoder leaves the colour plat
 JOINT_ANNEAL = 0.4          # ... along a cosine over the last 40 % of the steps (from step 1800)
 SHORT_BUDGET = 30           # budgets under 30 minutes run only the first 1800 steps, the part before
 SHORT_JOINT_STEPS = 1800    # the anneal: at 1200-1600 steps the encoders of seeds 0 and 1 still lost
-                            # balls (docs/training.md), and the anneal needs the 1200 steps after
+                            # balls (docs/training.md), and the anneal would need 1200 steps more
 JOINT_SHARE = 0.65          # ... unless the host is too slow to run them in this share of the budget
 ENCODE_SHARE = 0.05         # caching posteriors (~300 frames/s on a 2-core CPU)
 CACHE_FRAMES = 50           # frames per cached clip: windows of 7 frames from 50-frame tracks
