@@ -13,6 +13,15 @@ TINY = dict(enc_channels=[8, 16, 16], prior_channels=[8, 8, 16], n_kp_enc=3, n_k
             batch_size=4, epoch_steps=2, cond_steps=3)
 
 
+@pytest.fixture
+def trainer_options(monkeypatch):
+    """The TrainOptions of every Trainer built during the test, in order."""
+    from ddlp.train import Trainer
+    seen, init = [], Trainer.__init__
+    monkeypatch.setattr(Trainer, "__init__", lambda self, *a, **k: (init(self, *a, **k), seen.append(self.opt))[0])
+    return seen
+
+
 def test_the_budget_split_is_the_documented_one():
     # joint training stops at its steps or at its share, whichever comes first; PINT gets the rest.
     # Budgets under 30 minutes run the 3000-step schedule up to where its anneal would start
@@ -29,20 +38,18 @@ def test_the_budget_split_is_the_documented_one():
         split_budget(0)
 
 
-def test_quickstart_joint_phase_stops_at_its_step_count(tmp_path, monkeypatch):
+def test_quickstart_joint_phase_stops_at_its_step_count(tmp_path, trainer_options):
     """With steps to spare in its share, the joint phase stops at `max_steps` (given here; by
     default `joint_schedule`'s), annealed over its last JOINT_ANNEAL and keeping the best tracker,
     and PINT gets the time it leaves."""
-    from ddlp.train import Trainer
-    options, init = [], Trainer.__init__
-    monkeypatch.setattr(Trainer, "__init__", lambda self, *a, **k: (init(self, *a, **k), options.append(self.opt))[0])
     minutes = 0.3                           # 18 s: joint training may take 11.7 s, 2 steps take ~2
     metrics = run(out_dir=str(tmp_path / "run"), data_dir=str(tmp_path / "data"), minutes=minutes,
                   train_episodes=2, val_episodes=1, test_episodes=2, workers=0, cond=4, horizon=14,
                   max_steps=2, progress=False, **TINY)
     assert metrics["joint_steps"] == 2
-    assert (options[0].max_steps, options[0].anneal, options[0].best_by) == (2, JOINT_ANNEAL, "val_track_px")
-    assert options[0].track_with == dict(spread_anchors=True, centred_positions=True)   # as PINT will see it
+    opt = trainer_options[0]
+    assert (opt.max_steps, opt.anneal, opt.best_by) == (2, JOINT_ANNEAL, "val_track_px")
+    assert opt.track_with == dict(spread_anchors=True, centred_positions=True)   # as PINT will see it
     assert metrics["joint_seconds"] < 60 * JOINT_SHARE * minutes
     assert 60 * minutes - 1 <= metrics["budget_seconds"] <= 60 * minutes + 10
     # PINT runs until the budget is spent: what joint training and encoding left, less the few
@@ -52,10 +59,7 @@ def test_quickstart_joint_phase_stops_at_its_step_count(tmp_path, monkeypatch):
     assert metrics["pint_seconds"] > 60 * (1 - JOINT_SHARE - ENCODE_SHARE) * minutes
 
 
-def test_quickstart_spends_its_budget_phase_by_phase(tmp_path, monkeypatch):
-    from ddlp.train import Trainer
-    options, init = [], Trainer.__init__
-    monkeypatch.setattr(Trainer, "__init__", lambda self, *a, **k: (init(self, *a, **k), options.append(self.opt))[0])
+def test_quickstart_spends_its_budget_phase_by_phase(tmp_path, trainer_options):
     minutes = 0.25                          # 15 s: joint 9.75 s, encoding <= 0.75 s, PINT the rest
     metrics = run(out_dir=str(tmp_path / "run"), data_dir=str(tmp_path / "data"), minutes=minutes,
                   train_episodes=2, val_episodes=1, test_episodes=2, workers=0, cond=4, horizon=14,
@@ -64,7 +68,8 @@ def test_quickstart_spends_its_budget_phase_by_phase(tmp_path, monkeypatch):
         assert (tmp_path / "data" / f"{split}.hdf5").is_file()
     saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
     # the short budget's schedule, cut by its share of the time; the weights it stops at are validated
-    assert (options[0].max_steps, options[0].anneal, options[0].validate_at_stop) == (1800, 0.0, True)
+    opt = trainer_options[0]
+    assert (opt.max_steps, opt.anneal, opt.validate_at_stop) == (1800, 0.0, True)
     # compared as JSON: a model this small may leave every particle off, and NaN != NaN
     assert json.dumps(saved, sort_keys=True) == json.dumps(metrics, sort_keys=True)
     assert saved["budget_split"] == pytest.approx(split_budget(minutes))
