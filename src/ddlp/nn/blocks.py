@@ -16,9 +16,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .norm import GroupNorm
+
 
 def group_norm(channels: int) -> nn.GroupNorm:
-    return nn.GroupNorm(4 if channels % 4 == 0 else 5, channels, eps=1e-4)
+    return GroupNorm(4 if channels % 4 == 0 else 5, channels, eps=1e-4)
 
 
 @dataclass(frozen=True)
