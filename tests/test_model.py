@@ -287,6 +287,36 @@ def test_low_memory_gives_the_same_gradients_and_keeps_less(noisy):
     assert kept[1] < 0.4 * kept[0], kept
 
 
+@pytest.mark.parametrize("noisy", [False, True])
+def test_stitch_recomputes_its_canvases_in_backward(noisy):
+    """With gradients, stitching keeps only its small inputs and recomputes the [B, K, ., H, W]
+    canvases in backward: the same outputs and gradients as the plain blend (the same noise)."""
+    from ddlp import decoder
+    torch.manual_seed(0)
+    B, K, g, size = 2, 5, 8, 32
+    inputs = [torch.rand(B, K, 4, g, g), torch.rand(B, K, 2) * 1.6 - 0.8, torch.randn(B, K, 2) - 2,
+              torch.randn(B, K, 1), torch.rand(B, K)]
+    results = []
+    for fn in (decoder.stitch, lambda *a: decoder._stitch(*a)):
+        leaves = [t.clone().requires_grad_() for t in inputs]
+        kept = {}
+        def keep(t):
+            kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+        torch.manual_seed(1)
+        with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+            fg = fn(*leaves, size, noisy)
+        loss = (fg.image * torch.linspace(0, 1, size)).sum() + fg.bg_mask.square().sum() + fg.alpha_masks.sum()
+        results.append((fg, torch.autograd.grad(loss, leaves), sum(kept.values())))
+    (fg, grads, kept), (fg_ref, grads_ref, kept_ref) = results
+    for a, b in zip((fg.image, fg.bg_mask, fg.alpha_masks), (fg_ref.image, fg_ref.bg_mask, fg_ref.alpha_masks)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    for a, b in zip(grads, grads_ref):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    canvas = B * K * size * size * 4          # one float32 [B, K, 1, H, W]
+    assert kept_ref > 8 * canvas and kept < canvas, (kept, kept_ref)
+
+
 def test_encoder_heads_follow_the_hidden_width():
     from ddlp.encoder import AppearanceEncoder, AttributeEncoder
     attr = AttributeEncoder([8, 16], glimpse=8, image_size=32, correlation=True, hidden=48)
