@@ -353,9 +353,10 @@ Packed = tuple[Tensor, Optional[Tensor]]      # a linear's weight laid out for o
 class PackedPINT:
     """A PINT for bf16 rollouts on a CPU: the same computation as under bf16 autocast, with each
     linear's weight cast and laid out for oneDNN once per rollout instead of at every call.
-    Query/key/value are one matmul, GELU and ReLU are fused into the linears before them, the
-    five attribute MLPs of the embedding run as two block-diagonal linears and the readout's
-    particle heads as one.
+    Query/key/value are one matmul, GELU, ReLU and the trunk's residual adds are fused into the
+    linears before them, the attention masks are built once per rollout, the five attribute
+    MLPs of the embedding run as two block-diagonal linears and the readout's particle heads as
+    one.
 
     A rollout step is ~50 small matmuls (70 tokens at Balls size, 7 for the embedding and the
     readout), where autocast's casts and the per-call weight reorder cost as much as the
@@ -372,6 +373,7 @@ class PackedPINT:
         last = self.blocks[-1]      # a rollout step asks it for the last frame's queries only
         last.update(q=_pack(last["block"].attn.query), kv=_pack(last["block"].attn.key, last["block"].attn.value))
         self.head = _pack(pint.head)
+        self._mask_cache: dict = {}
         e, r = pint.embedding, pint.readout
         attributes = [e.position, e.scale, e.transparency, e.depth, e.features]
         self.attributes = [_pack(*[m[0] for m in attributes], diagonal=True),
@@ -394,18 +396,22 @@ class PackedPINT:
     @staticmethod
     @functools.cache
     def available() -> bool:
-        """Native bf16 on this CPU, and oneDNN's packed linear (a torch-internal op) present and
-        agreeing with F.linear on a small case: otherwise rollouts keep the plain PINT."""
+        """Native bf16 on this CPU, and oneDNN's packed linear (a torch-internal op, with its fused
+        activation and residual add) present and agreeing with F.linear on a small case:
+        otherwise rollouts keep the plain PINT."""
         from .nn.precision import native_bf16
         if not native_bf16("cpu")[0] or not hasattr(torch.ops.mkldnn, "_reorder_linear_weight"):
             return False
         try:
             layer = nn.Linear(32, 48)
             x = torch.randn(1, 5, 32).to(torch.bfloat16)
+            residual = torch.randn(1, 5, 48).to(torch.bfloat16)
             with torch.no_grad():
                 got = _linear(x, _pack(layer), "gelu").float()
-                want = F.gelu(F.linear(x.float(), layer.weight.to(torch.bfloat16).float(), layer.bias.to(torch.bfloat16).float()))
-            return got.shape == want.shape and bool((got - want).abs().max() < 0.05)
+                got_sum = _linear(x, _pack(layer), residual=residual).float()
+                plain = F.linear(x.float(), layer.weight.to(torch.bfloat16).float(), layer.bias.to(torch.bfloat16).float())
+            return (got.shape == plain.shape and bool((got - F.gelu(plain)).abs().max() < 0.05)
+                    and bool((got_sum - plain - residual.float()).abs().max() < 0.05))
         except RuntimeError:
             return False
 
@@ -434,29 +440,46 @@ class PackedPINT:
         return self.pint.distributions((*fg, bg), last, min_beta=1e-5)
 
     def trunk(self, tokens: Tensor, last_frame_only: bool = False) -> Tensor:
-        """`PINT.trunk`, in bf16."""
+        """`PINT.trunk`, in bf16. Each block's residual add runs inside the linear before it."""
         B, T, N, D = tokens.shape
         with torch.autocast("cpu", enabled=False):
             x = self.pint.flat_tokens(tokens).to(torch.bfloat16)
-            last = torch.arange(N) * T + T - 1 if last_frame_only else None
+            last, masks = self._masks(N, T, last_frame_only)
             heads = self.pint.blocks[0].attn.heads
             split = lambda t, n: t.view(B, -1, n, heads, D // heads).permute(2, 0, 3, 1, 4)  # noqa: E731
-            for i, p in enumerate(self.blocks):
+            for i, (p, mask) in enumerate(zip(self.blocks, masks)):
                 block = p["block"]
-                mask = block.attn.attention_mask(N, T, x)
-                h = block.ln1(x)
+                h = _layer_norm(x, block.ln1)
                 if last is not None and i == len(self.blocks) - 1:
                     q, (k, v) = split(_linear(h[:, last], p["q"]), 1)[0], split(_linear(h, p["kv"]), 2)
-                    x, mask = x[:, last], mask[..., last, :]
+                    x = x[:, last]
                 else:
                     if "qkv" not in p:      # the last block, asked for every frame: packed on first use
                         p["qkv"] = _pack(block.attn.query, block.attn.key, block.attn.value)
                     q, k, v = split(_linear(h, p["qkv"]), 3)
                 y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-                x = x + _linear(y.transpose(1, 2).reshape(B, x.shape[1], D), p["proj"])
-                x = x + _linear(_linear(block.ln2(x), p["fc1"], "gelu"), p["fc2"])
-            x = _linear(self.pint.ln_f(x), self.head)
+                x = _linear(y.transpose(1, 2).reshape(B, x.shape[1], D), p["proj"], residual=x)
+                x = _linear(_linear(_layer_norm(x, block.ln2), p["fc1"], "gelu"), p["fc2"], residual=x)
+            x = _linear(_layer_norm(x, self.pint.ln_f), self.head)
         return x.view(B, N, -1, D).permute(0, 2, 1, 3)
+
+    def _masks(self, N: int, T: int, last_frame_only: bool) -> tuple[Optional[Tensor], list[Tensor]]:
+        """The last frame's token indices (or None) and each block's attention mask (the last
+        block's rows cut to those tokens), built once per window shape: the weights are fixed."""
+        key = (N, T, last_frame_only)
+        if key not in self._mask_cache:
+            ref = torch.empty(0, dtype=torch.bfloat16)
+            masks = [p["block"].attn._build_mask(N, T, ref) for p in self.blocks]
+            last = torch.arange(N) * T + T - 1 if last_frame_only else None
+            if last is not None:
+                masks[-1] = masks[-1][..., last, :].contiguous()
+            self._mask_cache[key] = (last, masks)
+        return self._mask_cache[key]
+
+
+def _layer_norm(x: Tensor, norm: nn.LayerNorm) -> Tensor:
+    """`norm` of bf16 x, computed in float32 and returned in bf16 (without the module call)."""
+    return F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
 
 
 def _pack(*linears: nn.Linear, diagonal: bool = False) -> Packed:
@@ -473,9 +496,14 @@ def _pack_mlp(mlp: nn.Sequential) -> list[Packed]:
     return [_pack(mlp[0]), _pack(mlp[2])]
 
 
-def _linear(x: Tensor, packed: Packed, activation: str = "none") -> Tensor:
-    """A packed linear, its activation ("none", "relu", "gelu") fused, on x [..., in] in bf16."""
+def _linear(x: Tensor, packed: Packed, activation: str = "none", residual: Optional[Tensor] = None) -> Tensor:
+    """A packed linear on x [..., in] in bf16, its activation ("none", "relu", "gelu") or the
+    addition of `residual` [..., out] fused."""
     flat = x.reshape(-1, x.shape[-1])
-    y = torch.ops.mkldnn._linear_pointwise(flat, packed[0], packed[1], activation, [],
-                                           "none" if activation == "gelu" else "")
+    if residual is not None:
+        y = torch.ops.mkldnn._linear_pointwise.binary(flat, residual.reshape(flat.shape[0], -1), packed[0],
+                                                      packed[1], "add")
+    else:
+        y = torch.ops.mkldnn._linear_pointwise(flat, packed[0], packed[1], activation, [],
+                                               "none" if activation == "gelu" else "")
     return y.view(*x.shape[:-1], y.shape[-1])
