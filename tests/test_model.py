@@ -288,16 +288,20 @@ def test_low_memory_gives_the_same_gradients_and_keeps_less(noisy):
 
 
 @pytest.mark.parametrize("noisy", [False, True])
-def test_stitch_recomputes_its_canvases_in_backward(noisy):
-    """With gradients, stitching keeps only its small inputs and recomputes the [B, K, ., H, W]
-    canvases in backward: the same outputs and gradients as the plain blend (the same noise)."""
+def test_stitch_recomputes_large_canvases_in_backward(noisy, monkeypatch):
+    """With gradients and large canvases (here: any), stitching keeps only its small inputs and
+    recomputes the [B, K, ., H, W] canvases in backward: the same outputs and gradients as the
+    plain blend (the same noise). Small canvases are kept."""
     from ddlp import decoder
+    default = decoder.RECOMPUTE_STITCH_BYTES
     torch.manual_seed(0)
     B, K, g, size = 2, 5, 8, 32
     inputs = [torch.rand(B, K, 4, g, g), torch.rand(B, K, 2) * 1.6 - 0.8, torch.randn(B, K, 2) - 2,
               torch.randn(B, K, 1), torch.rand(B, K)]
     results = []
-    for fn in (decoder.stitch, lambda *a: decoder._stitch(*a)):
+    large = lambda *a: decoder.stitch(*a)        # noqa: E731  (the threshold is patched below)
+    for fn in (large, decoder._stitch, decoder.stitch):
+        monkeypatch.setattr(decoder, "RECOMPUTE_STITCH_BYTES", 0 if fn is large else default)
         leaves = [t.clone().requires_grad_() for t in inputs]
         kept = {}
         def keep(t):
@@ -308,13 +312,13 @@ def test_stitch_recomputes_its_canvases_in_backward(noisy):
             fg = fn(*leaves, size, noisy)
         loss = (fg.image * torch.linspace(0, 1, size)).sum() + fg.bg_mask.square().sum() + fg.alpha_masks.sum()
         results.append((fg, torch.autograd.grad(loss, leaves), sum(kept.values())))
-    (fg, grads, kept), (fg_ref, grads_ref, kept_ref) = results
+    (fg, grads, kept), (fg_ref, grads_ref, kept_ref), (_, _, kept_small) = results
     for a, b in zip((fg.image, fg.bg_mask, fg.alpha_masks), (fg_ref.image, fg_ref.bg_mask, fg_ref.alpha_masks)):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     for a, b in zip(grads, grads_ref):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
     canvas = B * K * size * size * 4          # one float32 [B, K, 1, H, W]
-    assert kept_ref > 8 * canvas and kept < canvas, (kept, kept_ref)
+    assert kept_ref > 8 * canvas and kept < canvas and kept_small == kept_ref, (kept, kept_ref, kept_small)
 
 
 def test_encoder_heads_follow_the_hidden_width():

@@ -41,15 +41,21 @@ def stitch(decoded: Tensor, position: Tensor, scale: Tensor, depth: Tensor, tran
     decoded [B, K, 4, g, g]; position / scale (pre-sigmoid) [B, K, 2]; depth [B, K, 1];
     transparency [B, K].
 
-    With gradients it runs as a checkpoint: backward recomputes the pasting and blending from
-    these small inputs (the noisy alpha with the same random draws) instead of keeping their
-    float32 canvases, [B, K, 4, H, W] twice and five [B, K, 1, H, W] beside the sampling grid:
-    a bf16 Balls step (8 x 11 frames) keeps 489 MB instead of 607, for 2 % of its time.
+    With gradients and canvases of RECOMPUTE_STITCH_BYTES or more it runs as a checkpoint:
+    backward recomputes the pasting and blending from these small inputs (the noisy alpha with
+    the same random draws) instead of keeping their float32 canvases, [B, K, 4, H, W] twice and
+    five [B, K, 1, H, W] beside the sampling grid. A bf16 Balls step (8 x 11 frames) then keeps
+    489 MB instead of 607, for 2 % of its time; the quickstart's small batches (one canvas:
+    5.5 MB) would pay the 2 % and gain no memory that matters.
     """
     args = (decoded, position, scale, depth, transparency, image_size, noisy)
-    if torch.is_grad_enabled():
+    canvas_bytes = 4 * decoded.shape[0] * decoded.shape[1] * 4 * image_size ** 2
+    if torch.is_grad_enabled() and canvas_bytes >= RECOMPUTE_STITCH_BYTES:
         return checkpoint(_stitch, *args, use_reentrant=False)
     return _stitch(*args)
+
+
+RECOMPUTE_STITCH_BYTES = 16 * 2 ** 20      # one float32 [B, K, 4, H, W] canvas
 
 
 def _stitch(decoded: Tensor, position: Tensor, scale: Tensor, depth: Tensor, transparency: Tensor,
