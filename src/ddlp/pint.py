@@ -469,7 +469,7 @@ class PackedPINT:
         key = (N, T, last_frame_only)
         if key not in self._mask_cache:
             ref = torch.empty(0, dtype=torch.bfloat16)
-            masks = [p["block"].attn._build_mask(N, T, ref) for p in self.blocks]
+            masks = [p["block"].attn.attention_mask(N, T, ref) for p in self.blocks]
             last = torch.arange(N) * T + T - 1 if last_frame_only else None
             if last is not None:
                 masks[-1] = masks[-1][..., last, :].contiguous()
