@@ -38,7 +38,8 @@ def _rows(t: Tensor, pack: int) -> Tensor:
     return t.permute(0, 2, 3, 1).reshape(N, H * W // pack, pack * C)
 
 
-def _pack(C: int, pixels: int) -> int:
+def _pixels_per_row(C: int, pixels: int) -> int:
+    """The `pack` of `_rows`: the fewest pixels (a power of 2 dividing `pixels`) for 32 channels."""
     pack = 1
     while pack * C < 32 and pixels % (2 * pack) == 0:
         pack *= 2
@@ -70,7 +71,7 @@ class _ChannelsLastGroupNorm(torch.autograd.Function):
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor, groups: int, eps: float) -> Tensor:
         N, C, H, W = x.shape
         pixels, per_group = H * W, C // groups
-        pack = _pack(C, pixels)
+        pack = _pixels_per_row(C, pixels)
         stat = torch.promote_types(x.dtype, torch.float32)       # statistics: float32 for bf16 input
         rows = _rows(x, pack)
         shift = _channel_sums(rows, C, stat) / pixels            # [N, C]
