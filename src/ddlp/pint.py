@@ -407,8 +407,9 @@ class PackedPINT:
             x = torch.randn(1, 5, 32).to(torch.bfloat16)
             residual = torch.randn(1, 5, 48).to(torch.bfloat16)
             with torch.no_grad():
-                got = _linear(x, _pack(layer), "gelu").float()
-                got_sum = _linear(x, _pack(layer), residual=residual).float()
+                packed = _pack(layer)
+                got = _linear(x, packed, "gelu").float()
+                got_sum = _linear(x, packed, residual=residual).float()
                 plain = F.linear(x.float(), layer.weight.to(torch.bfloat16).float(), layer.bias.to(torch.bfloat16).float())
             return (got.shape == plain.shape and bool((got - F.gelu(plain)).abs().max() < 0.05)
                     and bool((got_sum - plain - residual.float()).abs().max() < 0.05))
