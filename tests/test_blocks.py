@@ -184,3 +184,49 @@ def test_bf16_channels_last_group_norm_takes_the_fast_path_and_stays_within_bf16
     for g, w in zip(got, want):
         err = float(((g.float() - w).abs().max() / w.abs().max()).detach())
         assert err < 0.015, err
+
+
+def grid_sample_paste(glimpses, position, scale, canvas):
+    """The official construction of `paste`: one full sampling grid per glimpse."""
+    B, K, C, g, _ = glimpses.shape
+    u = torch.linspace(-1, 1, canvas, dtype=position.dtype)
+    a, b = 1 / (scale + 1e-9), -position / (scale + 1e-9)
+    gy, gx = a[..., 0, None] * u + b[..., 0, None], a[..., 1, None] * u + b[..., 1, None]
+    grid = torch.stack(torch.broadcast_tensors(gx[:, :, None, :], gy[:, :, :, None]), dim=-1)
+    out = nn.functional.grid_sample(glimpses.reshape(B * K, C, g, g), grid.reshape(B * K, canvas, canvas, 2),
+                                    mode="bilinear", padding_mode="zeros", align_corners=True)
+    return out.view(B, K, C, canvas, canvas)
+
+
+def test_separable_paste_is_grid_sample_in_values_and_gradients():
+    """`paste` as two products with per-axis bilinear weights is grid_sample's map: equal in
+    float64 to 1e-12, gradients for the glimpses, positions and scales included, with glimpses
+    partly off the canvas and scales above and below the canvas's."""
+    from ddlp.nn.glimpse import paste
+    torch.manual_seed(0)
+    glimpses = torch.rand(2, 3, 4, 8, 8, dtype=torch.float64, requires_grad=True)
+    position = (torch.rand(2, 3, 2, dtype=torch.float64) * 2.6 - 1.3).requires_grad_()
+    scale = (torch.rand(2, 3, 2, dtype=torch.float64) * 1.2 + 0.05).requires_grad_()
+    got, want = paste(glimpses, position, scale, 20), grid_sample_paste(glimpses, position, scale, 20)
+    assert got.shape == want.shape == (2, 3, 4, 20, 20)
+    assert (want != 0).any() and (want == 0).any()
+    assert torch.allclose(got, want, rtol=0, atol=1e-12)
+    weights = torch.randn_like(want)
+    for a, b in zip(torch.autograd.grad((got * weights).sum(), (glimpses, position, scale)),
+                    torch.autograd.grad((want * weights).sum(), (glimpses, position, scale))):
+        assert torch.allclose(a, b, rtol=1e-10, atol=1e-10)
+
+
+def test_bf16_pastes_of_saturated_glimpses_stay_within_0_and_1():
+    """Under bf16 autocast `paste` returns bf16 that never leaves [0, 1] for glimpses in [0, 1],
+    which lets `decoder.stitch` skip its clamp there: checked on all-ones glimpses, where the
+    rounded weights could push a sum above 1, over many positions and scales."""
+    from ddlp.nn.glimpse import paste
+    torch.manual_seed(0)
+    ones = torch.ones(64, 8, 1, 16, 16, dtype=torch.bfloat16)
+    position = torch.rand(64, 8, 2) * 2.4 - 1.2
+    scale = torch.rand(64, 8, 2) * 0.9 + 0.01
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        canvas = paste(ones, position, scale, 64)
+    assert canvas.dtype == torch.bfloat16
+    assert float(canvas.max()) == 1.0 and float(canvas.min()) == 0.0

@@ -60,12 +60,20 @@ RECOMPUTE_STITCH_BYTES = 16 * 2 ** 20      # one float32 [B, K, 4, H, W] canvas
 
 def _stitch(decoded: Tensor, position: Tensor, scale: Tensor, depth: Tensor, transparency: Tensor,
             image_size: int, noisy: bool) -> Foreground:
-    rgba = paste(decoded, position, torch.sigmoid(scale), image_size).clamp(0, 1)
+    rgba = paste(decoded, position, torch.sigmoid(scale), image_size)
+    if rgba.dtype != torch.bfloat16:
+        # float32 rounding can leave [0, 1] by an ulp. In bf16 the glimpses are in [0, 1] and
+        # each axis's two rounded weights sum to at most 1 + 2^-9; bf16 rounds a product below
+        # 1 + 2^-8 to at most 1, so the clamp, a fifth of the stitch's time with its backward,
+        # would change nothing (tests/test_blocks.py checks the bound)
+        rgba = rgba.clamp(0, 1)
     alpha, rgb = rgba[:, :, :1], rgba[:, :, 1:]
     if noisy:
         alpha = (alpha + 0.1 * torch.randn_like(alpha)).clamp(0, 1)
-    alpha = transparency[..., None, None, None] * alpha
-    weight = alpha * torch.sigmoid(-depth[..., None, None])
+    # under bf16 autocast the pasted canvases are bf16 (nn.glimpse.paste): the per-particle
+    # factors follow them, so that the canvases' arithmetic stays bf16 instead of promoting
+    alpha = transparency[..., None, None, None].to(alpha.dtype) * alpha
+    weight = alpha * torch.sigmoid(-depth[..., None, None]).to(alpha.dtype)
     weight = weight / (weight.sum(1, keepdim=True) + 1e-5)
     alpha_masks = weight * alpha
     fg = (alpha_masks * rgb).sum(1)
