@@ -230,3 +230,35 @@ def test_bf16_pastes_of_saturated_glimpses_stay_within_0_and_1():
         canvas = paste(ones, position, scale, 64)
     assert canvas.dtype == torch.bfloat16
     assert float(canvas.max()) == 1.0 and float(canvas.min()) == 0.0
+
+
+def grouped_conv_correlation(search, template):
+    """The official construction of `correlation_maps`: one grouped conv per map."""
+    N, C, P, _ = search.shape
+    lo = P // 2 + 1
+    window = nn.functional.pad(search, (P, P, P, P), mode="replicate")[..., lo:lo + 2 * P - 1, lo:lo + 2 * P - 1]
+    tmpl = template.clamp(0, 1)
+    flat = window.reshape(1, N * C, 2 * P - 1, 2 * P - 1)
+    corr = nn.functional.conv2d(flat, tmpl, groups=N)
+    energy = nn.functional.conv2d(flat.pow(2), torch.ones_like(tmpl), groups=N)
+    corr = (corr / (torch.sqrt(tmpl.pow(2).sum() * energy + 1e-10) + 1e-5)).reshape(N, P * P)
+    low, high = corr.min(1, keepdim=True)[0], corr.max(1, keepdim=True)[0]
+    return ((corr - low) / (high - low + 1e-5)).view(N, 1, P, P)
+
+
+@pytest.mark.parametrize("P", [8, 12])
+def test_correlation_maps_are_the_grouped_conv_and_float32_under_bf16(P):
+    """`correlation_maps` (row products summed along diagonals) equals the official grouped conv
+    in float64 to 1e-12; in float32, and under bf16 autocast, within 5e-5 of float64 (the bf16
+    conv was 0.1 off: the min-max scaling magnifies rounding)."""
+    from ddlp.nn.glimpse import correlation_maps
+    torch.manual_seed(0)
+    search, template = torch.rand(10, 3, P, P, dtype=torch.float64), torch.rand(10, 3, P, P, dtype=torch.float64) * 1.2
+    want = grouped_conv_correlation(search, template)
+    assert torch.allclose(correlation_maps(search, template), want, rtol=0, atol=1e-12)
+    assert (want == 0).any() and (want > 0.99).any()
+    for autocast in (False, True):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            got = correlation_maps(search.float(), template.float())
+        assert got.dtype == torch.float32
+        assert float((got.double() - want).abs().max()) < 5e-5

@@ -98,23 +98,36 @@ def spatial_softmax(logits: Tensor) -> tuple[Tensor, Tensor]:
 @torch.no_grad()
 def correlation_maps(search: Tensor, template: Tensor) -> Tensor:
     """Normalised cross-correlation of each particle's previous glimpse (template) over its
-    current glimpse (search window), both [N, 3, P, P] -> [N, 1, P, P] in [0, 1].
+    current glimpse (search window), both [N, 3, P, P] -> [N, 1, P, P] in [0, 1], in float32
+    (or float64) whatever the autocast.
 
     Entry (dy + P/2 - 1, dx + P/2 - 1) scores a displacement (dy, dx) of the object. As in the
     official code the normaliser uses the energy of *all* templates together, and each map is
     min-max scaled.
+
+    The official code runs a grouped conv with each template as its own filter; oneDNN is slow
+    at that (5-7 ms for 48 particles of 16 pixels), and in bf16 the min-max scaling magnifies
+    its rounding to errors of 0.1. Here each template row i is matched against every row of the
+    window at once, as one matrix product over (channel, column), and the P row terms of a
+    displacement dy, those with window row dy + i, are summed through a strided view: 1.8 ms,
+    float32 under autocast too, and closer to float64 than the float32 conv (1.6e-5 against
+    4e-5 on random glimpses; the min-max scaling magnifies the products' rounding).
     """
     N, C, P, _ = search.shape
-    # Only displacements within half a glimpse are kept, so only the 2P-1 rows/cols of the
-    # replicate-padded window they read are convolved (4x less work than the full map).
-    lo = P // 2 + 1
-    padded = F.pad(search, (P, P, P, P), mode="replicate")[..., lo:lo + 2 * P - 1, lo:lo + 2 * P - 1]
-    tmpl = template.clamp(0, 1)
-    flat = padded.reshape(1, N * C, 2 * P - 1, 2 * P - 1)
-    corr = F.conv2d(flat, tmpl, groups=N)                              # [1, N, P, P]
-    energy = F.conv2d(flat.pow(2), torch.ones_like(tmpl), groups=N)
-    corr = corr / (torch.sqrt(tmpl.pow(2).sum() * energy + 1e-10) + 1e-5)
-    flat_corr = corr.reshape(N, P * P)
-    mn, mx = flat_corr.min(1, keepdim=True)[0], flat_corr.max(1, keepdim=True)[0]
-    heat = (flat_corr - mn) / (mx - mn + 1e-5)
-    return heat.view(N, 1, P, P)
+    with torch.autocast(search.device.type, enabled=False):
+        dtype = torch.promote_types(search.dtype, torch.float32)       # bf16 -> float32
+        search, template = search.to(dtype), template.to(dtype).clamp(0, 1)
+        # Only displacements within half a glimpse are kept, so only the 2P-1 rows/cols of the
+        # replicate-padded window they read are needed.
+        lo, R = P // 2 + 1, 2 * P - 1
+        window = F.pad(search, (P, P, P, P), mode="replicate")[..., lo:lo + R, lo:lo + R]
+        shifted = window.unfold(3, P, 1).permute(0, 1, 4, 2, 3).reshape(N, C * P, R * P)   # [(c, j), (r, dx)]
+        rows = template.permute(0, 2, 1, 3).reshape(N, P, C * P)                           # [i, (c, j)]
+        terms = torch.bmm(rows, shifted).view(N, P, R, P)                                   # [n, i, r, dx]
+        n, i, r, dx = terms.stride()
+        corr = terms.as_strided((N, P, P, P), (n, i + r, r, dx)).sum(1)                     # r = dy + i
+        energy = F.avg_pool2d(window.pow(2).sum(1), P, stride=1) * (P * P)                 # box sums [N, P, P]
+        corr = corr / (torch.sqrt(template.pow(2).sum() * energy + 1e-10) + 1e-5)
+        flat = corr.reshape(N, P * P)
+        low, high = flat.min(1, keepdim=True)[0], flat.max(1, keepdim=True)[0]
+        return ((flat - low) / (high - low + 1e-5)).view(N, 1, P, P)
