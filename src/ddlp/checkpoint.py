@@ -97,7 +97,7 @@ def latest_checkpoint(run_dir: str | Path) -> Optional[Path]:
 
 # what best/ can be chosen by: the sign that makes lower better, and how a reader is told
 BEST_RULES = {"val_loss": (1.0, "lowest validation ELBO"), "val_psnr": (-1.0, "highest validation PSNR"),
-              "val_track_px": (1.0, "lowest validation tracking error")}
+              "val_track_px": (1.0, "lowest validation tracking error among reconstructions near the best PSNR")}
 
 
 def _best_record(run: Path) -> tuple[Optional[int], str]:

@@ -5,7 +5,8 @@ write a prediction GIF.
 The budget (setup and evaluation excluded) is split in three phases (docs/training.md):
 
     joint   the whole model, the official ELBO and schedule    joint_schedule(), at most JOINT_SHARE
-            (the checkpoint whose posteriors track the validation balls best goes on)
+            (the checkpoint whose posteriors track the validation balls best goes on,
+            among those that reconstruct within 6 dB of the best)
     encode  posteriors of training clips, with the best encoder        at most ENCODE_SHARE
     PINT    PINT alone on those cached posteriors (ddlp.pint_tuning)   the rest
 """
@@ -34,7 +35,8 @@ ENCODE_SHARE = 0.05         # caching posteriors (~300 frames/s on a 2-core CPU)
 CACHE_FRAMES = 50           # frames per cached clip: windows of 7 frames from 50-frame tracks
 PINT_DROPOUT = 0.0          # PINT's own 0.1 costs a fifth of the steps, and rollouts come out worse
 JOINT_BEST_BY = "val_track_px"  # the encoder kept for the PINT phase: the one closest to the balls on
-                                # validation episodes (the ELBO's and PSNR's best track worse)
+                                # validation episodes among those reconstructing within 6 dB of the best
+                                # (the ELBO's and PSNR's best track worse; train.TRACKER_PSNR_MARGIN)
 
 
 def split_budget(minutes: float) -> dict[str, float]:

@@ -78,7 +78,8 @@ def add_parser(sub) -> None:
     p.add_argument("--best-by", default="val_loss", choices=["val_loss", "val_psnr", "val_track_px"],
                    help="what chooses RUN_DIR/best: lowest validation ELBO (the default, as the official code), "
                    "highest validation PSNR, or lowest tracking error against the objects' true positions "
-                   "(data that carry them, such as Balls), measured with spread anchors and object centres as "
+                   "(data that carry them, such as Balls) among validations within 6 dB of the best validation "
+                   "PSNR so far, measured with spread anchors and object centres as "
                    "ddlp tune-pint --spread-anchors --centred-positions and the quickstart use the encoder")
     p.add_argument("--num-epochs", type=int, help="override num_epochs")
     p.add_argument("--epoch-steps", type=int, help="batches per epoch (default: a full pass)")
