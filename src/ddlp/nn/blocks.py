@@ -50,7 +50,9 @@ class _ReplicatePad(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, pad: int, relu: bool) -> torch.Tensor:
         with torch.autocast(x.device.type, enabled=False):
-            y = F.pad(torch.relu(x) if relu else x, (pad,) * 4, mode="replicate")
+            y = F.pad(x, (pad,) * 4, mode="replicate")
+        if relu:        # in place on the padded copy: the ReLU commutes with replicating borders
+            y.relu_()
         ctx.pad, ctx.relu, ctx.shape = pad, relu, x.shape
         channels_last = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
         ctx.format = torch.channels_last if channels_last else torch.contiguous_format
@@ -66,7 +68,8 @@ class _ReplicatePad(torch.autograd.Function):
         grad_in = torch.ops.aten.replication_pad2d_backward(grad, shape_only, [p] * 4)
         if ctx.relu:
             (y,) = ctx.saved_tensors
-            grad_in = torch.ops.aten.threshold_backward(grad_in, y[..., p:-p, p:-p], 0)
+            # into grad_in itself: one activation-sized buffer less per layer
+            torch.ops.aten.threshold_backward.grad_input(grad_in, y[..., p:-p, p:-p], 0, grad_input=grad_in)
         return grad_in, None, None
 
 
