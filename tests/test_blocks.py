@@ -249,8 +249,8 @@ def grouped_conv_correlation(search, template):
 @pytest.mark.parametrize("P", [8, 12])
 def test_correlation_maps_are_the_grouped_conv_and_float32_under_bf16(P):
     """`correlation_maps` (row products summed along diagonals) equals the official grouped conv
-    in float64 to 1e-12; in float32, and under bf16 autocast, within 5e-5 of float64 (the bf16
-    conv was 0.1 off: the min-max scaling magnifies rounding)."""
+    in float64 to 1e-12; in float32, and under bf16 autocast, within 2e-5 of float64 (the float32
+    conv: 4e-5; the bf16 conv was 0.1 off: the min-max scaling magnifies rounding)."""
     from ddlp.nn.glimpse import correlation_maps
     torch.manual_seed(0)
     search, template = torch.rand(10, 3, P, P, dtype=torch.float64), torch.rand(10, 3, P, P, dtype=torch.float64) * 1.2
@@ -261,4 +261,4 @@ def test_correlation_maps_are_the_grouped_conv_and_float32_under_bf16(P):
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             got = correlation_maps(search.float(), template.float())
         assert got.dtype == torch.float32
-        assert float((got.double() - want).abs().max()) < 5e-5
+        assert float((got.double() - want).abs().max()) < 2e-5

@@ -109,9 +109,10 @@ def correlation_maps(search: Tensor, template: Tensor) -> Tensor:
     at that (5-7 ms for 48 particles of 16 pixels), and in bf16 the min-max scaling magnifies
     its rounding to errors of 0.1. Here each template row i is matched against every row of the
     window at once, as one matrix product over (channel, column), and the P row terms of a
-    displacement dy, those with window row dy + i, are summed through a strided view: 1.8 ms,
-    float32 under autocast too, and closer to float64 than the float32 conv (1.6e-5 against
-    4e-5 on random glimpses; the min-max scaling magnifies the products' rounding).
+    displacement dy, those with window row dy + i, are summed through a strided view; the
+    energies are box sums, one axis at a time. 1.0 ms, float32 under autocast too, and closer to
+    float64 than the float32 conv (6e-6 against 4e-5 on random glimpses; the min-max scaling
+    magnifies the products' rounding).
     """
     N, C, P, _ = search.shape
     with torch.autocast(search.device.type, enabled=False):
@@ -126,7 +127,8 @@ def correlation_maps(search: Tensor, template: Tensor) -> Tensor:
         terms = torch.bmm(rows, shifted).view(N, P, R, P)                                   # [n, i, r, dx]
         n, i, r, dx = terms.stride()
         corr = terms.as_strided((N, P, P, P), (n, i + r, r, dx)).sum(1)                     # r = dy + i
-        energy = F.avg_pool2d(window.pow(2).sum(1), P, stride=1) * (P * P)                 # box sums [N, P, P]
+        squares = window.pow(2).sum(1)                                                      # [N, R, R]
+        energy = F.avg_pool2d(F.avg_pool2d(squares, (1, P), stride=1), (P, 1), stride=1) * (P * P)   # box sums, separably
         corr = corr / (torch.sqrt(template.pow(2).sum() * energy + 1e-10) + 1e-5)
         flat = corr.reshape(N, P * P)
         low, high = flat.min(1, keepdim=True)[0], flat.max(1, keepdim=True)[0]
