@@ -245,11 +245,52 @@ def test_bf16_rollouts_on_the_cpu_run_packed_and_stay_close_to_autocast(monkeypa
     torch.manual_seed(0)
     pint, p = make(velocity_input=velocity_input), random_particles(T=3)
     fp32 = pint.rollout(p, 4)
-    assert calls == []                                           # fp32: the plain PINT
+    assert len(calls) == 4                                       # packed in float32 too
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = pint.rollout(p, 4)
-        monkeypatch.setattr(PackedPINT, "applies", staticmethod(lambda *a: False))
+        monkeypatch.setattr(PackedPINT, "applies", staticmethod(lambda *a: None))
         autocast = pint.rollout(p, 4)
-    assert len(calls) == 4 and out.batch_shape == (2, 7)
+    assert len(calls) == 8 and out.batch_shape == (2, 7) and out.position.dtype == torch.float32
     err, err_auto = (out.position - fp32.position).abs().max(), (autocast.position - fp32.position).abs().max()
     assert err <= 2 * err_auto + 1e-3, (float(err), float(err_auto))
+
+
+def test_float32_packing_runs_here():
+    from ddlp.pint import PackedPINT
+    assert PackedPINT.available(torch.float32), "oneDNN's packed float32 linear is missing from this torch build"
+
+
+@pytest.mark.parametrize("last_frame_only", [False, True])
+def test_packed_float32_trunk_embedding_and_readout_match_the_plain_pint(last_frame_only):
+    from ddlp.pint import PackedPINT
+    pint = trained_looking(make(dim=64, heads=4, layers=3, velocity_input=True))
+    p = random_particles(B=2, T=4)
+    e, packed = pint.embedding, PackedPINT(pint, torch.float32)
+    with torch.no_grad():
+        tokens = e(p)
+        pairs = [(packed.trunk(tokens, last_frame_only), pint.trunk(tokens, last_frame_only)),
+                 (packed.still(p), e.still(p)), (packed.motion(e.moved(p.position)), e.motion(e.moved(p.position))),
+                 (packed.prior(tokens, p[:, -1]).position_mu, pint.prior(tokens, p[:, -1]).position_mu)]
+    for got, ref in pairs:
+        assert got.dtype == torch.float32 and got.shape == ref.shape
+        # the same float32 arithmetic in another order: rounding only
+        assert (got - ref).abs().max() <= 1e-5 * max(1.0, float(ref.abs().max()))
+
+
+@pytest.mark.parametrize("velocity_input", [False, True])
+def test_float32_rollouts_run_packed_and_match_the_plain_pint(monkeypatch, velocity_input):
+    from ddlp.pint import PackedPINT
+    calls = []
+    original = PackedPINT.prior
+    monkeypatch.setattr(PackedPINT, "prior", lambda self, *a: calls.append(self.dtype) or original(self, *a))
+    pint, p = trained_looking(make(velocity_input=velocity_input)), random_particles(T=3)
+    out = pint.rollout(p, 5)
+    assert calls == [torch.float32] * 5
+    with torch.no_grad():       # training mode or gradients: the plain PINT
+        assert pint.train().rollout(p, 1) is not None and len(calls) == 5
+    pint.eval()
+    monkeypatch.setattr(PackedPINT, "applies", staticmethod(lambda *a: None))
+    plain = pint.rollout(p, 5)
+    assert out.batch_shape == plain.batch_shape == (2, 8)
+    for name in ("position", "scale", "depth", "transparency", "features", "bg_features"):
+        assert torch.allclose(getattr(out, name), getattr(plain, name), atol=1e-5), name

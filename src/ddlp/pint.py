@@ -320,13 +320,15 @@ class PINT(nn.Module):
 
         The same as calling `step` on the growing history, but a frame's tokens are embedded
         once, when it arrives, and slide along with the window (a step embeds one frame, not
-        max_frames). Under bf16 autocast on a CPU with native bf16 it runs as a `PackedPINT`."""
+        max_frames). On a CPU it runs as a `PackedPINT`, in float32 or, under bf16 autocast on a CPU
+        with native bf16, in bf16."""
         from tqdm import tqdm
         T0, M = history.batch_shape[1], self.max_frames
         out = [history.values()]
         window = out[0][:, -M:]
         last = window[:, -1]
-        packed = PackedPINT(self) if PackedPINT.applies(self, window.position) else None
+        dtype = PackedPINT.applies(self, window.position)
+        packed = PackedPINT(self, dtype) if dtype is not None else None
         emb, prior = (packed, packed.prior) if packed is not None else (self.embedding, self.prior)
         moving = self.embedding.velocity is not None
         still = emb.still(window)
@@ -351,83 +353,95 @@ Packed = tuple[Tensor, Optional[Tensor]]      # a linear's weight laid out for o
 
 
 class PackedPINT:
-    """A PINT for bf16 rollouts on a CPU: the same computation as under bf16 autocast, with each
-    linear's weight cast and laid out for oneDNN once per rollout instead of at every call.
-    Query/key/value are one matmul, GELU, ReLU and the trunk's residual adds are fused into the
-    linears before them, the attention masks are built once per rollout, the five attribute
-    MLPs of the embedding run as two block-diagonal linears and the readout's particle heads as
-    one.
+    """A PINT for rollouts on a CPU, in float32 or bf16: the same computation as the plain PINT
+    (under bf16 autocast for bf16), with each linear's weight cast and laid out for oneDNN once
+    per rollout instead of at every call.
+    Query/key/value are one matmul, ReLU, the trunk's residual adds and (in bf16) GELU are fused
+    into the linears before them, the attention masks are built once per rollout, the five
+    attribute MLPs of the embedding run as two block-diagonal linears and the readout's particle
+    heads as one.
 
     A rollout step is ~50 small matmuls (70 tokens at Balls size, 7 for the embedding and the
     readout), where autocast's casts and the per-call weight reorder cost as much as the
-    arithmetic (docs/performance.md). LayerNorms take bf16 and return bf16 while computing in
-    float32: autocast returns float32 there, which the next linear rounds to bf16 anyway. The
-    heads' outputs go on in float32."""
+    arithmetic (docs/performance.md). In float32 the same fusions, with plain attention for
+    the single clip, make a Balls rollout's PINT steps 1.3x faster. LayerNorms take bf16 and
+    return bf16 while computing in float32: autocast returns float32 there, which the next
+    linear rounds to bf16 anyway. The heads' outputs go on in float32."""
 
-    def __init__(self, pint: PINT):
-        self.pint = pint
-        self.blocks = [dict(block=b, proj=_pack(b.attn.proj), fc1=_pack(b.mlp[0]), fc2=_pack(b.mlp[2]))
+    def __init__(self, pint: PINT, dtype: torch.dtype = torch.bfloat16):
+        self.pint, self.dtype = pint, dtype
+        pack = functools.partial(_pack, dtype=dtype)
+        self.blocks = [dict(block=b, proj=pack(b.attn.proj), fc1=pack(b.mlp[0]), fc2=pack(b.mlp[2]))
                        for b in pint.blocks]
         for p in self.blocks[:-1]:
-            p["qkv"] = _pack(p["block"].attn.query, p["block"].attn.key, p["block"].attn.value)
+            p["qkv"] = pack(p["block"].attn.query, p["block"].attn.key, p["block"].attn.value)
         last = self.blocks[-1]      # a rollout step asks it for the last frame's queries only
-        last.update(q=_pack(last["block"].attn.query), kv=_pack(last["block"].attn.key, last["block"].attn.value))
-        self.head = _pack(pint.head)
+        last.update(q=pack(last["block"].attn.query), kv=pack(last["block"].attn.key, last["block"].attn.value))
+        self.head = pack(pint.head)
         self._mask_cache: dict = {}
         e, r = pint.embedding, pint.readout
         attributes = [e.position, e.scale, e.transparency, e.depth, e.features]
-        self.attributes = [_pack(*[m[0] for m in attributes], diagonal=True),
-                           _pack(*[m[2] for m in attributes], diagonal=True)]
-        self.particle, self.background = _pack_mlp(e.particle), _pack_mlp(e.background)
-        self.velocity = None if e.velocity is None else _pack_mlp(e.velocity)
-        self.backbone = _pack_mlp(r.backbone)
+        self.attributes = [pack(*[m[0] for m in attributes], diagonal=True),
+                           pack(*[m[2] for m in attributes], diagonal=True)]
+        pack_mlp = lambda mlp: [pack(mlp[0]), pack(mlp[2])]    # noqa: E731 (nn.blocks.mlp: Linear-ReLU-Linear[-ReLU])
+        self.particle, self.background = pack_mlp(e.particle), pack_mlp(e.background)
+        self.velocity = None if e.velocity is None else pack_mlp(e.velocity)
+        self.backbone = pack_mlp(r.backbone)
         heads = [r.position_y_head, r.position_x_head, r.scale_head, r.transparency_head, r.depth_head, r.features_head]
-        self.heads_fg, self.head_sizes = _pack(*heads), [h.out_features for h in heads]
-        self.head_bg = _pack(r.bg_features_head)
+        self.heads_fg, self.head_sizes = pack(*heads), [h.out_features for h in heads]
+        self.head_bg = pack(r.bg_features_head)
 
     @staticmethod
-    def applies(pint: PINT, ref: Tensor) -> bool:
-        """Whether a rollout of `pint` on tensors like `ref` should run packed: on a CPU with
-        native bf16, under bf16 autocast, without gradients."""
-        return (ref.device.type == "cpu" and not torch.is_grad_enabled() and not pint.training
-                and torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
-                and PackedPINT.available())
+    def applies(pint: PINT, ref: Tensor) -> Optional[torch.dtype]:
+        """The dtype a rollout of `pint` on tensors like `ref` runs packed in, or None for the
+        plain PINT: on a CPU without gradients, float32 for float32 tensors outside autocast,
+        bf16 under bf16 autocast on a CPU with native bf16."""
+        if ref.device.type != "cpu" or torch.is_grad_enabled() or pint.training:
+            return None
+        if torch.is_autocast_enabled("cpu"):
+            dtype = torch.bfloat16 if torch.get_autocast_dtype("cpu") == torch.bfloat16 else None
+        else:
+            dtype = torch.float32 if ref.dtype == torch.float32 else None
+        return dtype if dtype is not None and PackedPINT.available(dtype) else None
 
     @staticmethod
     @functools.cache
-    def available() -> bool:
-        """Native bf16 on this CPU, and oneDNN's packed linear (a torch-internal op, with its fused
-        activation and residual add) present and agreeing with F.linear on a small case:
-        otherwise rollouts keep the plain PINT."""
+    def available(dtype: torch.dtype = torch.bfloat16) -> bool:
+        """oneDNN's packed linear (a torch-internal op, with its fused activation and residual add)
+        present and agreeing with F.linear on a small case in `dtype`, and for bf16 a CPU with
+        native bf16: otherwise rollouts keep the plain PINT."""
         from .nn.precision import native_bf16
-        if not native_bf16("cpu")[0] or not hasattr(torch.ops.mkldnn, "_reorder_linear_weight"):
+        if not hasattr(torch.ops.mkldnn, "_reorder_linear_weight"):
             return False
+        if dtype == torch.bfloat16 and not native_bf16("cpu")[0]:
+            return False
+        tolerance = 0.05 if dtype == torch.bfloat16 else 1e-4
         try:
             layer = nn.Linear(32, 48)
-            x = torch.randn(1, 5, 32).to(torch.bfloat16)
-            residual = torch.randn(1, 5, 48).to(torch.bfloat16)
+            x = torch.randn(1, 5, 32).to(dtype)
+            residual = torch.randn(1, 5, 48).to(dtype)
             with torch.no_grad():
-                packed = _pack(layer)
+                packed = _pack(layer, dtype=dtype)
                 got = _linear(x, packed, "gelu").float()
                 got_sum = _linear(x, packed, residual=residual).float()
-                plain = F.linear(x.float(), layer.weight.to(torch.bfloat16).float(), layer.bias.to(torch.bfloat16).float())
-            return (got.shape == plain.shape and bool((got - F.gelu(plain)).abs().max() < 0.05)
-                    and bool((got_sum - plain - residual.float()).abs().max() < 0.05))
+                plain = F.linear(x.float(), layer.weight.to(dtype).float(), layer.bias.to(dtype).float())
+            return (got.shape == plain.shape and bool((got - F.gelu(plain)).abs().max() < tolerance)
+                    and bool((got_sum - plain - residual.float()).abs().max() < tolerance))
         except RuntimeError:
             return False
 
     def _mlp(self, x: Tensor, layers: list[Packed]) -> Tensor:
-        return _linear(_linear(x.to(torch.bfloat16), layers[0], "relu"), layers[1])
+        return _linear(_linear(x.to(self.dtype), layers[0], "relu"), layers[1])
 
     def still(self, p: Particles) -> Tensor:
-        """`ParticleEmbedding.still`: tokens [B, T, K + 1, D] in bf16."""
+        """`ParticleEmbedding.still`: tokens [B, T, K + 1, D] in the packed dtype."""
         with torch.autocast("cpu", enabled=False):
             x = torch.cat([p.position, p.scale, p.transparency[..., None], p.depth, p.features], -1)
             fg = self._mlp(self._mlp(x, self.attributes), self.particle)
             return torch.cat([fg, self._mlp(p.bg_features, self.background)[..., None, :]], -2)
 
     def motion(self, moved: Tensor) -> Tensor:
-        """`ParticleEmbedding.motion` in bf16."""
+        """`ParticleEmbedding.motion` in the packed dtype."""
         with torch.autocast("cpu", enabled=False):
             return F.pad(self._mlp(moved * ParticleEmbedding.VELOCITY_SCALE, self.velocity), (0, 0, 0, 1))
 
@@ -441,10 +455,10 @@ class PackedPINT:
         return self.pint.distributions((*fg, bg), last, min_beta=1e-5)
 
     def trunk(self, tokens: Tensor, last_frame_only: bool = False) -> Tensor:
-        """`PINT.trunk`, in bf16. Each block's residual add runs inside the linear before it."""
+        """`PINT.trunk` in the packed dtype. Each block's residual add runs inside the linear before it."""
         B, T, N, D = tokens.shape
         with torch.autocast("cpu", enabled=False):
-            x = self.pint.flat_tokens(tokens).to(torch.bfloat16)
+            x = self.pint.flat_tokens(tokens).to(self.dtype)
             last, masks = self._masks(N, T, last_frame_only)
             heads = self.pint.blocks[0].attn.heads
             split = lambda t, n: t.view(B, -1, n, heads, D // heads).permute(2, 0, 3, 1, 4)  # noqa: E731
@@ -456,20 +470,40 @@ class PackedPINT:
                     x = x[:, last]
                 else:
                     if "qkv" not in p:      # the last block, asked for every frame: packed on first use
-                        p["qkv"] = _pack(block.attn.query, block.attn.key, block.attn.value)
+                        p["qkv"] = _pack(block.attn.query, block.attn.key, block.attn.value, dtype=self.dtype)
                     q, k, v = split(_linear(h, p["qkv"]), 3)
-                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+                y = self._attend(q, k, v, mask)
                 x = _linear(y.transpose(1, 2).reshape(B, x.shape[1], D), p["proj"], residual=x)
-                x = _linear(_linear(_layer_norm(x, block.ln2), p["fc1"], "gelu"), p["fc2"], residual=x)
+                x = _linear(self._fc1(_layer_norm(x, block.ln2), p["fc1"]), p["fc2"], residual=x)
             x = _linear(_layer_norm(x, self.pint.ln_f), self.head)
         return x.view(B, N, -1, D).permute(0, 2, 1, 3)
+
+    def _fc1(self, x: Tensor, packed: Packed) -> Tensor:
+        """The MLP's first linear and its GELU: fused in bf16; in float32 oneDNN's fused erf GELU
+        takes longer than the matmul itself (AVX2 EPYC: 540 us against 280 + 90 for [70, 256] x
+        [256, 1024] and a separate GELU)."""
+        if self.dtype == torch.bfloat16:
+            return _linear(x, packed, "gelu")
+        return F.gelu(_linear(x, packed))
+
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+        """Attention of q [B, h, S, d] over k, v [B, h, S', d] with an additive mask [1, h, S, S'].
+        A rollout's single clip is a few hundred tokens: there CPU SDPA's blocked kernel costs
+        more than two batched matmuls and a softmax (Balls: 220 against 135 us on two threads);
+        bf16 keeps SDPA, whose softmax runs in float32."""
+        if self.dtype == torch.bfloat16:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        B, h, S, d = q.shape
+        scores = torch.baddbmm(mask.expand(B, h, S, k.shape[2]).reshape(B * h, S, -1), q.reshape(B * h, S, d),
+                               k.reshape(B * h, -1, d).transpose(1, 2), alpha=d ** -0.5)
+        return torch.bmm(scores.softmax(-1), v.reshape(B * h, -1, d)).view(B, h, S, d)
 
     def _masks(self, N: int, T: int, last_frame_only: bool) -> tuple[Optional[Tensor], list[Tensor]]:
         """The last frame's token indices (or None) and each block's attention mask (the last
         block's rows cut to those tokens), built once per window shape: the weights are fixed."""
         key = (N, T, last_frame_only)
         if key not in self._mask_cache:
-            ref = torch.empty(0, dtype=torch.bfloat16)
+            ref = torch.empty(0, dtype=self.dtype)
             masks = [p["block"].attn.attention_mask(N, T, ref) for p in self.blocks]
             last = torch.arange(N) * T + T - 1 if last_frame_only else None
             if last is not None:
@@ -479,26 +513,21 @@ class PackedPINT:
 
 
 def _layer_norm(x: Tensor, norm: nn.LayerNorm) -> Tensor:
-    """`norm` of bf16 x, computed in float32 and returned in bf16 (without the module call)."""
+    """`norm` of x without the module call: bf16 x is normalised in float32 and returned in bf16."""
     return F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
 
 
-def _pack(*linears: nn.Linear, diagonal: bool = False) -> Packed:
-    """One bf16 linear for `linears` reading the same input (their outputs concatenated) or,
+def _pack(*linears: nn.Linear, diagonal: bool = False, dtype: torch.dtype = torch.bfloat16) -> Packed:
+    """One `dtype` linear for `linears` reading the same input (their outputs concatenated) or,
     `diagonal`, each its own slice of the input (a block-diagonal weight)."""
     weights = [m.weight.detach() for m in linears]
-    weight = (torch.block_diag(*weights) if diagonal else torch.cat(weights)).to(torch.bfloat16)
-    bias = None if linears[0].bias is None else torch.cat([m.bias.detach() for m in linears]).to(torch.bfloat16)
+    weight = (torch.block_diag(*weights) if diagonal else torch.cat(weights)).to(dtype)
+    bias = None if linears[0].bias is None else torch.cat([m.bias.detach() for m in linears]).to(dtype)
     return torch.ops.mkldnn._reorder_linear_weight(weight, None), bias
 
 
-def _pack_mlp(mlp: nn.Sequential) -> list[Packed]:
-    """The two linears of a Linear-ReLU-Linear[-ReLU] MLP (`nn.blocks.mlp`), packed."""
-    return [_pack(mlp[0]), _pack(mlp[2])]
-
-
 def _linear(x: Tensor, packed: Packed, activation: str = "none", residual: Optional[Tensor] = None) -> Tensor:
-    """A packed linear on x [..., in] in bf16, its activation ("none", "relu", "gelu") or the
+    """A packed linear on x [..., in] (in the packed dtype), its activation ("none", "relu", "gelu") or the
     addition of `residual` [..., out] fused."""
     flat = x.reshape(-1, x.shape[-1])
     if residual is not None:
