@@ -294,3 +294,14 @@ def test_float32_rollouts_run_packed_and_match_the_plain_pint(monkeypatch, veloc
     assert out.batch_shape == plain.batch_shape == (2, 8)
     for name in ("position", "scale", "depth", "transparency", "features", "bg_features"):
         assert torch.allclose(getattr(out, name), getattr(plain, name), atol=1e-5), name
+
+
+@pytest.mark.parametrize("clips", [1, 40])     # 1: two matmuls and a softmax; 40 (> 2^20 scores): SDPA
+def test_packed_float32_attention_matches_sdpa(clips):
+    from ddlp.pint import PackedPINT
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(clips, 8, 70, 32, generator=g) for _ in range(3))
+    mask = torch.randn(1, 8, 70, 70, generator=g).masked_fill(torch.rand(70, 70, generator=g) < 0.3, -1e9)
+    got = PackedPINT(make(), torch.float32)._attend(q, k, v, mask)
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    assert got.shape == ref.shape and torch.allclose(got, ref, atol=1e-5)

@@ -488,12 +488,13 @@ class PackedPINT:
 
     def _attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
         """Attention of q [B, h, S, d] over k, v [B, h, S', d] with an additive mask [1, h, S, S'].
-        A rollout's single clip is a few hundred tokens: there CPU SDPA's blocked kernel costs
-        more than two batched matmuls and a softmax (Balls: 220 against 135 us on two threads);
+        A rollout's clips have a few hundred tokens each: up to ~2^20 attention scores CPU SDPA's
+        blocked kernel costs more than two batched matmuls and a softmax (AVX2 EPYC, two threads:
+        one Balls clip 220 against 135 us, ten 2.4 against 1.3 ms; equal at ten OBJ3D clips).
         bf16 keeps SDPA, whose softmax runs in float32."""
-        if self.dtype == torch.bfloat16:
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         B, h, S, d = q.shape
+        if self.dtype == torch.bfloat16 or B * h * S * k.shape[2] > 1 << 20:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         scores = torch.baddbmm(mask.expand(B, h, S, k.shape[2]).reshape(B * h, S, -1), q.reshape(B * h, S, d),
                                k.reshape(B * h, -1, d).transpose(1, 2), alpha=d ** -0.5)
         return torch.bmm(scores.softmax(-1), v.reshape(B * h, -1, d)).view(B, h, S, d)
