@@ -250,7 +250,7 @@ def test_bf16_rollouts_on_the_cpu_run_packed_and_stay_close_to_autocast(monkeypa
         out = pint.rollout(p, 4)
         monkeypatch.setattr(PackedPINT, "applies", staticmethod(lambda *a: None))
         autocast = pint.rollout(p, 4)
-    assert len(calls) == 8 and out.batch_shape == (2, 7) and out.position.dtype == torch.float32
+    assert len(calls) == 8 and out.batch_shape == (2, 7)
     err, err_auto = (out.position - fp32.position).abs().max(), (autocast.position - fp32.position).abs().max()
     assert err <= 2 * err_auto + 1e-3, (float(err), float(err_auto))
 
