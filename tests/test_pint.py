@@ -305,3 +305,14 @@ def test_packed_float32_attention_matches_sdpa(clips):
     got = PackedPINT(make(), torch.float32)._attend(q, k, v, mask)
     ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     assert got.shape == ref.shape and torch.allclose(got, ref, atol=1e-5)
+
+
+def test_probing_the_packed_kernels_leaves_the_global_rng_alone():
+    """The first rollout of a training run (a validation) probes oneDNN: the training's random
+    draws after it must be those of a run that never rolled out, or resumed runs would differ."""
+    from ddlp.pint import PackedPINT
+    PackedPINT.available.cache_clear()
+    state = torch.get_rng_state()
+    assert PackedPINT.available(torch.float32)
+    PackedPINT.available(torch.bfloat16)
+    assert torch.equal(torch.get_rng_state(), state)
