@@ -18,19 +18,6 @@ from .storage import CONFIG, WEIGHTS, atomic_write, model_directory, save_pretra
 
 
 # ------------------------------------------------------------------------------ training state
-def adam(params, **options) -> torch.optim.Adam:
-    """The optimizer of every trainer here (the joint ELBO, PINT tuning, DiffuseDDLP), whose state
-    the checkpoints carry: torch's Adam with `options`, fused where the parameters' devices have
-    the kernel (CPU, CUDA), else foreach (on the CPU torch would otherwise step each tensor in
-    its own loop). balls_small's 219 tensors take 11 ms per step foreach and 3.6 ms fused (AVX2
-    EPYC, two threads), 4 % of a quickstart step. The fused kernel rounds differently, by ~1e-7 relative
-    (tests/test_train.py), and is as deterministic: resumed runs stay identical."""
-    groups = list(params)
-    tensors = [p for g in groups for p in (g["params"] if isinstance(g, dict) else [g])]
-    fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in tensors)
-    return torch.optim.Adam(groups, **options, **({"fused": True} if fused else {"foreach": True}))
-
-
 def rng_state() -> dict:
     """Every random generator a training step draws from, as tensors and plain values, so that
     `load_state` reads it back with torch.load(weights_only=True)."""

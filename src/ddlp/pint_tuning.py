@@ -25,7 +25,6 @@ from .losses import dynamics_kl, dynamics_weight
 from .model import DDLP
 from .particles import Particles
 from .pint import PINT, RelativeBias
-from .checkpoint import adam
 from .data import batch_frames
 
 
@@ -256,7 +255,7 @@ def tune_pint(model: DDLP, posteriors: PosteriorCache | Dataset, *, steps: Optio
     # error 1.75 px with bias_lr 1e-2, 2.08 px with 1e-1; 2.59 px from a plain fresh PINT).
     tables = [t for m in model.pint.modules() if isinstance(m, RelativeBias) for t in m.parameters()]
     rest = [t for t in model.pint.parameters() if all(t is not b for b in tables)]
-    opt = adam([dict(params=rest, lr=lr), dict(params=tables, lr=bias_lr)], eps=1e-8)
+    opt = torch.optim.Adam([dict(params=rest, lr=lr), dict(params=tables, lr=bias_lr)], eps=1e-8, foreach=True)
     base_lrs = [lr, bias_lr]
     if dropout is not None:
         model.pint.set_dropout(dropout)

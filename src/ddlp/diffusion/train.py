@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from ..checkpoint import adam, load_state, rng_state, set_rng_state, write_checkpoint
+from ..checkpoint import load_state, rng_state, set_rng_state, write_checkpoint
 from ..nn.precision import autocast, full_precision
 from ..storage import atomic_write, save_pretrained
 from .latents import STATS_FILE, LatentStats, default_clips, encode_dataset, fingerprint, load_tokens, save_tokens
@@ -75,7 +75,7 @@ class DiffusionTrainer:
         self.data = self._normalised()
         torch.manual_seed(c.seed)
         params = list(model.denoiser.parameters())
-        self.optimizer = adam(params, lr=c.lr, betas=tuple(c.adam_betas))
+        self.optimizer = torch.optim.Adam(params, lr=c.lr, betas=tuple(c.adam_betas), foreach=True)
         # torch's EMA container; the decay changes with the step (official warm-up), so the
         # averaging function is re-made from get_ema_multi_avg_fn before each update.
         self.ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.0))
