@@ -277,13 +277,13 @@ def test_packed_float32_trunk_embedding_and_readout_match_the_plain_pint(last_fr
         assert (got - ref).abs().max() <= 1e-5 * max(1.0, float(ref.abs().max()))
 
 
-@pytest.mark.parametrize("velocity_input", [False, True])
-def test_float32_rollouts_run_packed_and_match_the_plain_pint(monkeypatch, velocity_input):
+@pytest.mark.parametrize("kw", [dict(), dict(velocity_input=True), dict(relative_bias=False)])
+def test_float32_rollouts_run_packed_and_match_the_plain_pint(monkeypatch, kw):
     from ddlp.pint import PackedPINT
     calls = []
     original = PackedPINT.prior
     monkeypatch.setattr(PackedPINT, "prior", lambda self, *a: calls.append(self.dtype) or original(self, *a))
-    pint, p = trained_looking(make(velocity_input=velocity_input)), random_particles(T=3)
+    pint, p = trained_looking(make(**kw)), random_particles(T=3)
     out = pint.rollout(p, 5)
     assert calls == [torch.float32] * 5
     with torch.no_grad():       # training mode or gradients: the plain PINT
