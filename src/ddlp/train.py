@@ -460,6 +460,8 @@ class Trainer:
         value = metrics.get(self.opt.best_by, math.nan)   # val_track_px: only data with positions have it
         score = BEST_RULES[self.opt.best_by][0] * value if math.isfinite(value) else math.inf
         psnr = metrics.get("val_psnr", math.nan)
+        if math.isfinite(psnr):
+            self.top_psnr = max(self.top_psnr, psnr)
         if self._replaces_best(score, psnr) and self.acc.is_main_process:
             self.best_val, self.best_psnr = score, psnr
             save_pretrained(self.model, self.run_dir / "best")
@@ -473,11 +475,10 @@ class Trainer:
         validation PSNR so far compete: an encoder can place its particles on the objects while
         it still draws them in the wrong colours, and such an encoder once won on tracking alone
         (docs/training.md). best/ then holds the best tracker among the validations still within
-        the margin, and its weights give way to the first one within it when it falls out."""
+        the margin, and its weights give way to the first one within it when it falls out.
+        `top_psnr` already counts this validation's."""
         if self.opt.best_by != "val_track_px":
             return score < self.best_val
-        if math.isfinite(psnr):
-            self.top_psnr = max(self.top_psnr, psnr)
         eligible = lambda p: math.isfinite(p) and p >= self.top_psnr - TRACKER_PSNR_MARGIN  # noqa: E731
         return math.isfinite(score) and eligible(psnr) and (score < self.best_val or not eligible(self.best_psnr))
 
