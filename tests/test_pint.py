@@ -297,14 +297,29 @@ def test_float32_rollouts_run_packed_and_match_the_plain_pint(monkeypatch, kw):
 
 
 @pytest.mark.parametrize("clips", [1, 40])     # 1: two matmuls and a softmax; 40 (> 2^20 scores): SDPA
-def test_packed_float32_attention_matches_sdpa(clips):
-    from ddlp.pint import PackedPINT
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_attention_matches_sdpa_values_gradients_and_dropout(clips, dropout):
+    """`attend`, which PINT's blocks and the packed PINT share, is SDPA's attention on either of
+    its routes: the same values and gradients (to the mask's learned bias too), and with dropout
+    the same dropped weights for the same seed."""
+    from ddlp.pint import attend
     g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(clips, 8, 70, 32, generator=g) for _ in range(3))
-    mask = torch.randn(1, 8, 70, 70, generator=g).masked_fill(torch.rand(70, 70, generator=g) < 0.3, -1e9)
-    got = PackedPINT(make(), torch.float32)._attend(q, k, v, mask)
-    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    q, k, v = (torch.randn(clips, 8, 70, 32, generator=g).requires_grad_() for _ in range(3))
+    bias = torch.randn(1, 8, 70, 70, generator=g).requires_grad_()
+    future = torch.rand(70, 70, generator=g) < 0.3
+
+    def run(f):
+        torch.manual_seed(1)
+        out = f(q, k, v, bias.masked_fill(future, -1e9), dropout)
+        grads = torch.autograd.grad((out * out.detach().sin()).sum(), (q, k, v, bias))
+        return out, grads
+
+    got, got_grads = run(attend)
+    ref, ref_grads = run(lambda *a: torch.nn.functional.scaled_dot_product_attention(*a[:4], dropout_p=a[4]))
     assert got.shape == ref.shape and torch.allclose(got, ref, atol=1e-5)
+    for a, b in zip(got_grads, ref_grads):
+        assert torch.allclose(a, b, atol=1e-5)
+    assert dropout == 0 or not torch.allclose(got, run(lambda *a: attend(*a[:4]))[0], atol=1e-3)
 
 
 def test_probing_the_packed_kernels_leaves_the_global_rng_alone():

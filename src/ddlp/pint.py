@@ -87,6 +87,27 @@ class RelativeBias(nn.Module):
         return bias.reshape(-1, N * T, N * T)
 
 
+def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, dropout: float = 0.0) -> Tensor:
+    """Attention of q [B, h, S, d] over k, v [B, h, S', d] with an additive mask [1, h or 1, S, S'].
+
+    On a CPU in float32, up to ~2^20 attention scores (PINT's windows: a few hundred tokens a
+    clip), two batched matmuls and a softmax beat SDPA: its blocked kernel in inference (AVX2 EPYC,
+    two threads: one Balls clip 135 against 220 us, ten 1.3 against 2.4 ms; equal at ten OBJ3D
+    clips), and in training, where the learned mask sends it to its math path with checks for
+    fully masked rows that PINT's masks never have (64 windows of 42 tokens, forward and backward:
+    7.8-8.3 against 8.8-10.4 ms). The results are SDPA's to 1e-6, its dropout masks drawn alike.
+    Elsewhere, and in bf16 (SDPA's softmax runs in float32), SDPA."""
+    B, h, S, d = q.shape
+    if q.device.type != "cpu" or q.dtype != torch.float32 or B * h * S * k.shape[2] > 1 << 20:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+    scores = torch.baddbmm(mask.expand(B, h, S, k.shape[2]).reshape(B * h, S, -1), q.reshape(B * h, S, d),
+                           k.reshape(B * h, -1, d).transpose(1, 2), alpha=d ** -0.5)
+    weights = scores.softmax(-1)
+    if dropout:
+        weights = F.dropout(weights, dropout)
+    return torch.bmm(weights, v.reshape(B * h, -1, d)).view(B, h, S, d)
+
+
 class CausalParticleAttention(nn.Module):
     def __init__(self, dim: int, heads: int, max_frames: int, n_tokens: int,
                  dropout: float, relative_bias: bool = True):
@@ -130,8 +151,7 @@ class CausalParticleAttention(nn.Module):
         if queries is not None:
             mask = mask[..., queries, :]
         q, k, v = split(self.query(xq)), split(self.key(x)), split(self.value(x))
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
-                                           dropout_p=self.dropout if self.training else 0.0)
+        y = attend(q, k, v, mask, self.dropout if self.training else 0.0)
         return self.resid_drop(self.proj(y.transpose(1, 2).reshape(B, xq.shape[1], D)))
 
 
@@ -480,7 +500,7 @@ class PackedPINT:
                     if "qkv" not in p:      # the last block, asked for every frame: packed on first use
                         p["qkv"] = _pack(block.attn.query, block.attn.key, block.attn.value, dtype=self.dtype)
                     q, k, v = split(_linear(h, p["qkv"]), 3)
-                y = self._attend(q, k, v, mask)
+                y = attend(q, k, v, mask)
                 x = _linear(y.transpose(1, 2).reshape(B, x.shape[1], D), p["proj"], residual=x)
                 x = _linear(self._fc1(_layer_norm(x, block.ln2), p["fc1"]), p["fc2"], residual=x)
             x = _linear(_layer_norm(x, self.pint.ln_f), self.head)
@@ -493,19 +513,6 @@ class PackedPINT:
         if self.dtype == torch.bfloat16:
             return _linear(x, packed, "gelu")
         return F.gelu(_linear(x, packed))
-
-    def _attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
-        """Attention of q [B, h, S, d] over k, v [B, h, S', d] with an additive mask [1, h, S, S'].
-        A rollout's clips have a few hundred tokens each: up to ~2^20 attention scores CPU SDPA's
-        blocked kernel costs more than two batched matmuls and a softmax (AVX2 EPYC, two threads:
-        one Balls clip 220 against 135 us, ten 2.4 against 1.3 ms; equal at ten OBJ3D clips).
-        bf16 keeps SDPA, whose softmax runs in float32."""
-        B, h, S, d = q.shape
-        if self.dtype == torch.bfloat16 or B * h * S * k.shape[2] > 1 << 20:
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        scores = torch.baddbmm(mask.expand(B, h, S, k.shape[2]).reshape(B * h, S, -1), q.reshape(B * h, S, d),
-                               k.reshape(B * h, -1, d).transpose(1, 2), alpha=d ** -0.5)
-        return torch.bmm(scores.softmax(-1), v.reshape(B * h, -1, d)).view(B, h, S, d)
 
     def _masks(self, N: int, T: int, last_frame_only: bool) -> tuple[Optional[Tensor], list[Tensor]]:
         """The last frame's token indices (or None) and each block's attention mask (the last
