@@ -260,9 +260,28 @@ def test_float32_packing_runs_here():
     assert PackedPINT.available(torch.float32), "oneDNN's packed float32 linear is missing from this torch build"
 
 
+@pytest.mark.parametrize("rows", [5, 33])          # F.linear (at most FEW_ROWS rows), oneDNN's kernel
+@pytest.mark.parametrize("activation, residual", [("none", False), ("relu", False), ("gelu", False), ("none", True)])
+def test_float32_packed_linear_is_the_linear_on_both_routes(monkeypatch, rows, activation, residual):
+    from ddlp.pint import FEW_ROWS, _linear, _pack
+    g = torch.Generator().manual_seed(0)
+    layers = [torch.nn.Linear(64, 48), torch.nn.Linear(64, 16)]
+    x, res = torch.randn(2, rows, 64, generator=g), torch.randn(2, rows, 64, generator=g)
+    with torch.no_grad():
+        ref = torch.cat([layer(x) for layer in layers], -1) + (res if residual else 0)
+        ref = dict(none=ref, relu=ref.relu(), gelu=torch.nn.functional.gelu(ref))[activation]
+        calls, linear = [], torch.nn.functional.linear
+        monkeypatch.setattr(torch.nn.functional, "linear", lambda *a: calls.append(1) or linear(*a))
+        got = _linear(x, _pack(*layers, dtype=torch.float32), activation, res if residual else None)
+    assert len(calls) == (2 * rows <= FEW_ROWS) and 2 * 5 <= FEW_ROWS < 2 * 33
+    assert got.shape == ref.shape and torch.allclose(got, ref, atol=1e-5)
+
+
+@pytest.mark.parametrize("few_rows", [0, 32])     # 0: every linear through oneDNN; 32: small ones as F.linear
 @pytest.mark.parametrize("last_frame_only", [False, True])
-def test_packed_float32_trunk_embedding_and_readout_match_the_plain_pint(last_frame_only):
+def test_packed_float32_trunk_embedding_and_readout_match_the_plain_pint(monkeypatch, last_frame_only, few_rows):
     from ddlp.pint import PackedPINT
+    monkeypatch.setattr("ddlp.pint.FEW_ROWS", few_rows)
     pint = trained_looking(make(dim=64, heads=4, layers=3, velocity_input=True))
     p = random_particles(B=2, T=4)
     e, packed = pint.embedding, PackedPINT(pint, torch.float32)
