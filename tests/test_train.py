@@ -68,6 +68,11 @@ RULES = {"val_loss": "lowest validation ELBO", "val_psnr": "highest validation P
          "val_track_px": "lowest validation tracking error among reconstructions near the best PSNR"}
 
 
+# these tests end epochs without optimizer steps, about which torch's scheduler warns
+SCHEDULER_BEFORE_OPTIMIZER = "ignore:Detected call of `lr_scheduler.step\\(\\)` before `optimizer.step\\(\\)`"
+
+
+@pytest.mark.filterwarnings(SCHEDULER_BEFORE_OPTIMIZER)
 @pytest.mark.parametrize("best_by, kept", [("val_loss", 1), ("val_psnr", 2), ("val_track_px", 3)])
 def test_best_checkpoint_follows_the_chosen_criterion(tmp_path, best_by, kept):
     """best/ is rewritten when the criterion improves: lowest validation ELBO (the official rule),
@@ -102,6 +107,7 @@ EPYC_VALIDATIONS = [(200, 6.45, 14.748), (400, 13.14, 2.24), (600, 14.56, 1.316)
                     (1800, 32.61, 0.868)]
 
 
+@pytest.mark.filterwarnings(SCHEDULER_BEFORE_OPTIMIZER)
 def test_the_best_tracker_must_reconstruct_near_the_best_psnr_and_resumes_so(tmp_path):
     """best_by="val_track_px" keeps the best tracker among validations within 6 dB of the best
     validation PSNR so far: on the EPYC run's validations it ends with step 1800 (32.6 dB) instead
