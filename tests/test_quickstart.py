@@ -6,7 +6,8 @@ import pytest
 from PIL import Image
 
 from ddlp.cli import main
-from ddlp.quickstart import ENCODE_SHARE, JOINT_ANNEAL, JOINT_SHARE, JOINT_STEPS, joint_schedule, run, split_budget
+from ddlp.quickstart import (ENCODE_SHARE, JOINT_ANNEAL, JOINT_SHARE, JOINT_STEPS, joint_schedule,
+                             minutes_for_joint_steps, run, split_budget)
 
 TINY = dict(enc_channels=[8, 16, 16], prior_channels=[8, 8, 16], n_kp_enc=3, n_kp_prior=6,
             learned_feature_dim=2, pint_dim=16, pint_heads=2, pint_layers=1, timestep_horizon=4,
@@ -38,6 +39,19 @@ def test_the_budget_split_is_the_documented_one():
         split_budget(0)
 
 
+def test_a_slow_host_is_told_the_budget_that_runs_every_joint_step():
+    # 1800 steps at 0.30 s fit 15 minutes' 9.75 (with 5 % to spare); the AVX2 EPYC's 0.364 s
+    # (1620 steps in 9.8 minutes) need 18; past 30 minutes the schedule is 3000 steps
+    assert minutes_for_joint_steps(0.30, start=15) == 15
+    assert minutes_for_joint_steps(0.364, start=15) == 18
+    assert minutes_for_joint_steps(0.70, start=15) == 57
+    assert minutes_for_joint_steps(1.0, max_steps=2, start=0.1) == 1
+    for per_step in (0.1, 0.364, 0.7, 2.0):
+        m = minutes_for_joint_steps(per_step)
+        assert 60 * JOINT_SHARE * m >= 1.05 * per_step * joint_schedule(m)[0]
+        assert m == 1 or 60 * JOINT_SHARE * (m - 1) < 1.05 * per_step * joint_schedule(m - 1)[0]
+
+
 def test_quickstart_joint_phase_stops_at_its_step_count(tmp_path, trainer_options):
     """With steps to spare in its share, the joint phase stops at `max_steps` (given here; by
     default `joint_schedule`'s), annealed over its last JOINT_ANNEAL and keeping the best tracker,
@@ -46,7 +60,8 @@ def test_quickstart_joint_phase_stops_at_its_step_count(tmp_path, trainer_option
     metrics = run(out_dir=str(tmp_path / "run"), data_dir=str(tmp_path / "data"), minutes=minutes,
                   train_episodes=2, val_episodes=1, test_episodes=2, workers=0, cond=4, horizon=14,
                   max_steps=2, progress=False, **TINY)
-    assert metrics["joint_steps"] == 2
+    assert metrics["joint_steps"] == metrics["joint_steps_planned"] == 2
+    assert metrics["minutes_for_all_joint_steps"] is None        # no advice when every step ran
     opt = trainer_options[0]
     assert (opt.max_steps, opt.anneal, opt.best_by) == (2, JOINT_ANNEAL, "val_track_px")
     assert opt.track_with == dict(spread_anchors=True, centred_positions=True)   # as PINT will see it
@@ -59,7 +74,7 @@ def test_quickstart_joint_phase_stops_at_its_step_count(tmp_path, trainer_option
     assert metrics["pint_seconds"] > 60 * (1 - JOINT_SHARE - ENCODE_SHARE) * minutes
 
 
-def test_quickstart_spends_its_budget_phase_by_phase(tmp_path, trainer_options):
+def test_quickstart_spends_its_budget_phase_by_phase(tmp_path, trainer_options, capsys):
     # 21 s: joint 13.65 s, encoding <= 1.05 s but at least one batch (8 clips of 50 frames: 1.3 s
     # on a 2-core AVX2 EPYC, 2.4 s on a slower CI host), PINT the rest
     minutes = 0.35
@@ -82,6 +97,13 @@ def test_quickstart_spends_its_budget_phase_by_phase(tmp_path, trainer_options):
     assert saved["encode_seconds"] <= 60 * ENCODE_SHARE * minutes + late
     assert 60 * minutes - 1 <= saved["budget_seconds"] <= 60 * minutes + 2 * late
     assert saved["joint_steps"] > 0 and saved["pint_steps"] > 0 and saved["pint_clips"] > 0
+    # far from its 1800 steps, the joint phase says which budget would run them all
+    per_step = saved["joint_seconds"] / saved["joint_steps"]
+    assert saved["joint_steps_planned"] == 1800
+    assert saved["minutes_for_all_joint_steps"] == minutes_for_joint_steps(per_step, start=minutes)
+    out = capsys.readouterr().out
+    assert f"joint training ran {saved['joint_steps']} of its 1800 steps" in out
+    assert f"`ddlp quickstart --minutes {saved['minutes_for_all_joint_steps']}` gives it all its steps" in out
     assert len(saved["pint_symmetry_centre"]) == 2     # PINT trained on mirrored windows
     # the paper's protocol with the baselines, on the held-out episodes
     assert saved["test_episodes"] == 2 and len(saved["med_per_step"]) == 10

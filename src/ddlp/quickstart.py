@@ -13,6 +13,7 @@ The budget (setup and evaluation excluded) is split in three phases (docs/traini
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 
@@ -53,6 +54,16 @@ def joint_schedule(minutes: float) -> tuple[int, float]:
     return (SHORT_JOINT_STEPS, 0.0) if minutes < SHORT_BUDGET else (JOINT_STEPS, JOINT_ANNEAL)
 
 
+def minutes_for_joint_steps(seconds_per_step: float, max_steps: int | None = None, start: float = 1.0) -> int:
+    """The smallest whole budget from `start` minutes whose joint share runs all the steps of the
+    joint phase (`max_steps`, or `joint_schedule`'s for that budget) at `seconds_per_step`
+    (validations included), with 5 % to spare."""
+    minutes = max(1, math.ceil(start))
+    while 60 * JOINT_SHARE * minutes < 1.05 * seconds_per_step * (max_steps or joint_schedule(minutes)[0]):
+        minutes += 1
+    return minutes
+
+
 def ensure_balls(data_dir: Path, train: int, val: int, test: int) -> Path:
     from .data.balls import write_balls
     if not all((data_dir / f"{s}.hdf5").is_file() for s in ("train", "val", "test")):
@@ -90,7 +101,8 @@ def run(out_dir: str = "runs/quickstart", data_dir: str = "data/balls", minutes:
     t0 = time.time()
     out = Path(out_dir)
     budget = split_budget(minutes)
-    max_steps, anneal = joint_schedule(minutes) if max_steps is None else (max_steps, JOINT_ANNEAL)
+    default_schedule = max_steps is None
+    max_steps, anneal = joint_schedule(minutes) if default_schedule else (max_steps, JOINT_ANNEAL)
     root = ensure_balls(Path(data_dir), train_episodes, val_episodes, test_episodes)
     config = Config.from_json(Path(__file__).parent / "configs" / "balls_small.json", seed=seed,
                               root=str(root), **overrides)
@@ -116,6 +128,14 @@ def run(out_dir: str = "runs/quickstart", data_dir: str = "data/balls", minutes:
         joint_stopped = str(e)
         print(f"joint training stopped at step {trainer.global_step}: {e}\ngoing on with {out / 'best'}")
     joint_seconds = time.time() - start
+    suggested = None
+    if joint_stopped is None and 0 < trainer.global_step < max_steps:
+        # a slow host's encoder may still be on the colour plateau (docs/training.md): say what budget runs it all
+        per_step = joint_seconds / trainer.global_step
+        suggested = minutes_for_joint_steps(per_step, None if default_schedule else max_steps, minutes)
+        print(f"note: joint training ran {trainer.global_step} of its {max_steps} steps in its "
+              f"{budget['joint']:.2g} minutes ({per_step:.2f} s a step on this host, validations included); "
+              f"`ddlp quickstart --minutes {suggested}` gives it all its steps")
     model = ParticleModel.from_pretrained(out / "best") if (out / "best").is_dir() else trainer.model
     # the joint phase trains the preset's official model; the PINT phase starts a fresh PINT
     # anyway, and may give it the velocity input. Spread anchors and centred positions change no
@@ -141,6 +161,7 @@ def run(out_dir: str = "runs/quickstart", data_dir: str = "data/balls", minutes:
                      metrics={k: v for k, v in report.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
     metrics = dict(report, minutes=minutes, budget_split=budget, setup_seconds=setup,
                    joint_seconds=joint_seconds, joint_steps=trainer.global_step, joint_stopped=joint_stopped,
+                   joint_steps_planned=max_steps, minutes_for_all_joint_steps=suggested,
                    encode_seconds=encode_seconds, budget_seconds=budget_used, **prior,
                    device=str(trainer.acc.device), threads=torch.get_num_threads())
     atomic_write(out / "metrics.json", lambda p: Path(p).write_text(json.dumps(metrics, indent=2)))
