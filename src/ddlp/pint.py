@@ -505,17 +505,9 @@ class PackedPINT:
                     q, k, v = split(_linear(h, p["qkv"]), 3)
                 y = attend(q, k, v, mask)
                 x = _linear(y.transpose(1, 2).reshape(B, x.shape[1], D), p["proj"], residual=x)
-                x = _linear(self._fc1(_layer_norm(x, block.ln2), p["fc1"]), p["fc2"], residual=x)
+                x = _linear(_linear(_layer_norm(x, block.ln2), p["fc1"], "gelu"), p["fc2"], residual=x)
             x = _linear(_layer_norm(x, self.pint.ln_f), self.head)
         return x.view(B, N, -1, D).permute(0, 2, 1, 3)
-
-    def _fc1(self, x: Tensor, packed: Packed) -> Tensor:
-        """The MLP's first linear and its GELU: fused in bf16; in float32 oneDNN's fused erf GELU
-        takes longer than the matmul itself (AVX2 EPYC: 540 us against 280 + 90 for [70, 256] x
-        [256, 1024] and a separate GELU)."""
-        if self.dtype == torch.bfloat16:
-            return _linear(x, packed, "gelu")
-        return F.gelu(_linear(x, packed))
 
     def _masks(self, N: int, T: int, last_frame_only: bool) -> tuple[Optional[Tensor], list[Tensor]]:
         """The last frame's token indices (or None) and each block's attention mask (the last
@@ -551,17 +543,21 @@ def _linear(x: Tensor, packed: Packed, activation: str = "none", residual: Optio
     addition of `residual` [..., out] fused. A float32 linear of at most SMALL_WEIGHT weights on at
     most FEW_ROWS rows (a rollout step's embedding, readout and last-frame queries) runs as
     F.linear: oneDNN's call costs ~50 us before any arithmetic, F.linear's ~15 (AVX2 EPYC, two
-    threads: [7, 256] x [256, 256] 41-55 against 68-91 us); larger ones are faster packed."""
+    threads: [7, 256] x [256, 256] 41-55 against 68-91 us); larger ones are faster packed. A
+    float32 GELU runs on its own: oneDNN's fused erf GELU takes longer than the matmul itself
+    (AVX2 EPYC: 540 us against 280 + 90 for [70, 256] x [256, 1024] and a separate GELU)."""
     flat = x.reshape(-1, x.shape[-1])
+    fused = "none" if activation == "gelu" and flat.dtype == torch.float32 else activation
     if packed[2] is not None and flat.shape[0] <= FEW_ROWS:
-        y = F.linear(flat, packed[2], packed[1])
+        y, fused = F.linear(flat, packed[2], packed[1]), "none"
         if residual is not None:
             y += residual.reshape(y.shape)
-        y = y.relu_() if activation == "relu" else F.gelu(y) if activation == "gelu" else y
     elif residual is not None:
         y = torch.ops.mkldnn._linear_pointwise.binary(flat, residual.reshape(flat.shape[0], -1), packed[0],
                                                       packed[1], "add")
     else:
-        y = torch.ops.mkldnn._linear_pointwise(flat, packed[0], packed[1], activation, [],
-                                               "none" if activation == "gelu" else "")
+        y = torch.ops.mkldnn._linear_pointwise(flat, packed[0], packed[1], fused, [],
+                                               "none" if fused == "gelu" else "")
+    if fused != activation:
+        y = y.relu_() if activation == "relu" else F.gelu(y)
     return y.view(*x.shape[:-1], y.shape[-1])
